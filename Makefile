@@ -1,0 +1,33 @@
+# specmoe-bench: `make bench` and `make test` set themselves up from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A range that the local torch 2.13 CPU build satisfies; on a GPU machine pip takes a CUDA build.
+TORCH_SPEC ?= torch>=2.4,<2.14
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test bench bench-cpu bench-gpu bench-micro clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the project with its test tools
+
+test: $(STAMP)  ## run the test suite
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)  ## run the default matrix (GPU matrix on a CUDA machine, CPU matrix otherwise)
+	$(VENV)/bin/specmoe-bench run --default
+
+bench-micro: $(STAMP)  ## pytest-benchmark micro-benchmarks of the hot paths
+	$(PY) -m pytest -q tests/micro --benchmark-only --benchmark-enable
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Where experts live and when they move: one shared model runtime and one module per engine."""

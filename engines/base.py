@@ -1,0 +1,135 @@
+"""The engine plug-in API: load a model onto a hardware profile, generate for a batch, close.
+
+A third-party engine subclasses `Engine` (or `RuntimeEngine` to reuse the shared runtime with its own
+ExpertPolicy) and registers it under the entry-point group `specmoe_bench.engines` in its own package.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .errors import BadInput
+from .hardware import HardwareProfile
+from .runtime import ExpertPolicy, Generation, ModelInfo, ModelRuntime, SamplingSettings
+
+
+@dataclass
+class NoOptions:
+    """This engine takes no options."""
+
+
+class Engine:
+    """Base class of every engine. Subclasses set `name`, `summary` and, if they take options, `Options`
+    (a dataclass whose fields carry defaults, `metadata={"help": ...}`, and validation in __post_init__)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, **options):
+        fields = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            allowed = ", ".join(sorted(fields)) or "none"
+            raise BadInput(f"engine {self.name!r} has no option {unknown[0]!r}; its options: {allowed}")
+        self.options = self.Options(**options)
+
+    @classmethod
+    def option_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls.Options)}
+
+    def load(self, model, hardware: HardwareProfile) -> None:
+        """Take a workloads.models.LoadedModel onto the hardware. Called once per cell."""
+        raise NotImplementedError
+
+    def prepare(self, prompts: list[list[int]], settings: SamplingSettings) -> None:
+        """Untimed work before measurement (a profiling pass, a routing trace). Default: nothing."""
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> Generation:
+        raise NotImplementedError
+
+    def teacher_forced_logits(self, prompts: list[list[int]], continuations: list[list[int]]):
+        """Logits [B, C, V] (float32, CPU) at each continuation position, the continuation fed in; None when the
+        engine cannot score a given continuation (then teacher-forced metrics are absent)."""
+        return None
+
+    @property
+    def model_info(self) -> ModelInfo | None:
+        return None
+
+    def setup_stats(self) -> dict:
+        """What loading and preparing cost (bytes copied to keep experts resident), outside the measured runs."""
+        return {}
+
+    def close(self) -> None:
+        """Release device memory."""
+
+
+class RuntimeEngine(Engine):
+    """An engine built on the shared ModelRuntime: it only chooses an ExpertPolicy (and may override generate)."""
+
+    runtime: ModelRuntime
+
+    def make_policy(self, hardware: HardwareProfile) -> ExpertPolicy:
+        return ExpertPolicy()
+
+    def load(self, model, hardware: HardwareProfile) -> None:
+        self.hardware = hardware
+        self.loaded = model
+        self.runtime = ModelRuntime(model.model, hardware.device)
+        store = self.runtime.store
+        if hardware.expert_budget_bytes is not None and hardware.expert_budget_bytes < store.expert_bytes:
+            raise BadInput(f"hardware {hardware.spec!r}: the expert budget holds less than one expert "
+                           f"({store.expert_bytes} bytes each)")
+        self.runtime.set_policy(self.make_policy(hardware))
+        self._setup = dict(setup_h2d_bytes=store.counters.h2d_bytes, resident_experts=len(store.resident))
+        store.reset_counters()
+
+    def prepare(self, prompts, settings) -> None:
+        before = self.runtime.store.counters.h2d_bytes
+        self._prepare(prompts, settings)
+        self._setup["prepare_h2d_bytes"] = self.runtime.store.counters.h2d_bytes - before
+        self._setup["resident_experts"] = len(self.runtime.store.resident)
+        self.runtime.store.reset_counters()
+
+    def _prepare(self, prompts, settings) -> None:
+        pass
+
+    def generate(self, prompts, settings) -> Generation:
+        return self.runtime.generate(prompts, settings)
+
+    def teacher_forced_logits(self, prompts, continuations):
+        return self.runtime.teacher_forced_logits(prompts, continuations)
+
+    def record_routing(self, prompts, settings) -> list[tuple[int, int, list[int]]]:
+        """Run the batch once and return the routing trace: (forward index, MoE layer, experts used)."""
+        self.runtime.routing_log = []
+        try:
+            self.runtime.generate(prompts, settings)
+            return self.runtime.routing_log
+        finally:
+            self.runtime.routing_log = None
+
+    def setup_stats(self) -> dict:
+        return dict(self._setup)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        rt, lm = self.runtime, self.loaded
+        return ModelInfo(name=lm.name, source=lm.source, architecture=type(rt.model).__name__,
+                         moe_layers=rt.store.num_layers, experts_per_layer=rt.store.num_experts, top_k=rt.top_k,
+                         expert_bytes=rt.store.expert_bytes, total_expert_bytes=rt.store.total_bytes,
+                         non_expert_bytes=rt.non_expert_bytes, layers_loaded=lm.layers_loaded,
+                         layers_total=lm.layers_total, notes=dict(lm.notes))
+
+    def close(self) -> None:
+        if hasattr(self, "runtime"):
+            self.runtime.store.resident.clear()
+            del self.runtime
+        import gc
+
+        import torch
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

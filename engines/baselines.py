@@ -1,0 +1,193 @@
+"""The engines SpecMoE is compared against. Each is an ExpertPolicy on the shared runtime; nothing else differs.
+
+resident  every expert on the device (the reference)
+offload   the paper's MoE-OnDemand: copy each needed expert when its layer runs, keep nothing
+overlap   offload with oracle prefetch of the next layer's experts (from a recorded trace) on a copy stream
+caching   the paper's MoE-Caching: a static set of the most-used experts (from a profiling pass) stays resident
+lru       an LRU expert cache of fixed capacity (the mixtral-offloading design)
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import RuntimeEngine
+from .errors import BadInput
+from .hardware import HardwareProfile, parse_size
+from .runtime import ExpertPolicy, ExpertStore, ExpertWeights
+
+
+class ResidentPolicy(ExpertPolicy):
+    def bind(self, store: ExpertStore) -> None:
+        super().bind(store)
+        for layer in range(store.num_layers):
+            for e in range(store.num_experts):
+                store.keep(layer, e, store.copy_to_device(layer, e))
+
+
+class ResidentEngine(RuntimeEngine):
+    name = "resident"
+    summary = "every weight on the device; plain decoding (the reference for equivalence)"
+
+    def load(self, model, hardware: HardwareProfile) -> None:
+        if hardware.expert_budget_bytes is not None:
+            raise BadInput(f"engine 'resident' keeps every expert on the device; it cannot run under the expert "
+                           f"budget of {hardware.spec!r} (use the plain device profile)")
+        super().load(model, hardware)
+
+    def make_policy(self, hardware):
+        return ResidentPolicy()
+
+
+class OffloadEngine(RuntimeEngine):
+    name = "offload"
+    summary = "naive offload (MoE-OnDemand): each needed expert copied when its layer runs, nothing kept"
+
+
+# -- overlap: oracle prefetch ---------------------------------------------------------------------------------
+
+
+class OverlapPolicy(ExpertPolicy):
+    """Copies layer l+1's experts (known from the trace) while layer l computes. On CUDA the copies run on the
+    store's copy stream; on CPU they are issued at the same point but cannot overlap (functional only)."""
+
+    def __init__(self, trace: dict[tuple[int, int], list[int]]):
+        self.trace = trace
+        self.forward = 0
+        self.pending: dict[int, dict[int, ExpertWeights]] = {}  # layer -> prefetched experts
+
+    def _prefetch(self, layer: int) -> None:
+        if layer >= self.store.num_layers or layer in self.pending:
+            return
+        stream = self.store.copy_stream
+        self.pending[layer] = {e: self.store.copy_to_device(layer, e, stream=stream)
+                               for e in self.trace.get((self.forward, layer), [])}
+
+    def begin_forward(self, forward_index: int) -> None:
+        self.forward = forward_index
+        self.pending.clear()
+        self._prefetch(0)
+
+    def weights_for(self, layer, experts):
+        ready = self.pending.pop(layer, {})
+        stream = self.store.copy_stream
+        if stream is not None and ready:
+            compute = torch.cuda.current_stream(self.store.device)
+            compute.wait_stream(stream)
+            for w in ready.values():
+                for t in w.values():
+                    t.record_stream(compute)
+        self._prefetch(layer + 1)  # queued behind this layer's compute on the copy stream
+        out = {}
+        for e in experts:
+            if e in ready:
+                self.store.counters.hits += 1
+                out[e] = ready[e]
+            else:  # the trace missed this expert: fetch on demand
+                self.store.counters.misses += 1
+                out[e] = self.store.copy_to_device(layer, e)
+        return out
+
+    def end_forward(self) -> None:
+        self.pending.clear()
+
+
+class OverlapEngine(RuntimeEngine):
+    name = "overlap"
+    summary = "offload with oracle prefetch of the next layer's experts from a recorded routing trace"
+
+    def _prepare(self, prompts, settings) -> None:
+        log = self.record_routing(prompts, settings)
+        self.runtime.set_policy(OverlapPolicy({(f, layer): experts for f, layer, experts in log}))
+
+
+# -- caching: static hottest experts ------------------------------------------------------------------------
+
+
+@dataclass
+class CachingOptions:
+    fraction: float = field(default=0.10, metadata={"help": "fraction of all experts kept resident (0-1]"})
+
+    def __post_init__(self):
+        self.fraction = float(self.fraction)
+        if not 0 < self.fraction <= 1:
+            raise BadInput(f"caching fraction={self.fraction}: must be in (0, 1]")
+
+
+class CachingEngine(RuntimeEngine):
+    name = "caching"
+    summary = "MoE-Caching: the most-used experts (10% by default, from a profiling pass) stay on the device"
+    Options = CachingOptions
+
+    def _prepare(self, prompts, settings) -> None:
+        store = self.runtime.store
+        usage = Counter((layer, e) for _, layer, experts in self.record_routing(prompts, settings) for e in experts)
+        slots = max(1, math.floor(self.options.fraction * store.num_layers * store.num_experts))
+        if self.hardware.expert_budget_bytes is not None:
+            slots = min(slots, self.hardware.expert_budget_bytes // store.expert_bytes)
+        hottest = sorted(usage, key=lambda key: (-usage[key], key))[:slots]
+        store.resident.clear()
+        for layer, e in hottest:
+            store.keep(layer, e, store.copy_to_device(layer, e))
+        self.pinned = set(hottest)
+
+
+# -- lru: an expert cache ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LRUOptions:
+    capacity: str = field(default="25%", metadata={
+        "help": "cache size: a number of experts (64), a share of all experts (25%) or bytes (2GiB); "
+                "under a hardware expert budget the budget caps it"})
+
+
+class LRUPolicy(ExpertPolicy):
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.order: OrderedDict[tuple[int, int], None] = OrderedDict()
+
+    def weights_for(self, layer, experts):
+        out = super().weights_for(layer, experts)  # hits from resident, misses copied
+        for e in experts:
+            key = (layer, e)
+            if key not in self.order:
+                self.store.keep(layer, e, out[e])
+            self.order[key] = None
+            self.order.move_to_end(key)
+        while len(self.order) > self.capacity:
+            self.store.drop(*self.order.popitem(last=False)[0])
+        return out
+
+
+def parse_capacity(text: str, store: ExpertStore) -> int:
+    """'64' experts, '25%' of all experts, or a byte size -> a number of experts (at least one, or BadInput)."""
+    text = str(text).strip()
+    total = store.num_layers * store.num_experts
+    if re.fullmatch(r"\d+", text):
+        n = int(text)
+    elif re.fullmatch(r"\d+(\.\d+)?%", text):
+        n = math.floor(float(text[:-1]) / 100 * total)
+    else:
+        n = parse_size(text) // store.expert_bytes
+    if n < 1:
+        raise BadInput(f"lru capacity {text!r} holds no expert: one expert is {store.expert_bytes} bytes "
+                       f"and the model has {total}; give at least 1 expert")
+    return min(n, total)
+
+
+class LRUEngine(RuntimeEngine):
+    name = "lru"
+    summary = "an LRU expert cache of fixed capacity on the device; misses fetched on demand"
+    Options = LRUOptions
+
+    def make_policy(self, hardware):
+        capacity = parse_capacity(self.options.capacity, self.runtime.store)
+        if hardware.expert_budget_bytes is not None:
+            capacity = min(capacity, hardware.expert_budget_bytes // self.runtime.store.expert_bytes)
+        self.capacity = capacity
+        return LRUPolicy(capacity)

@@ -1,0 +1,1 @@
+"""Measures and reports: CLI, matrix runner, metrics, NVML, equivalence, reports."""
