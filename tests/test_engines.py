@@ -1,0 +1,230 @@
+"""The shared runtime and the baseline engines: same tokens as `resident`, exact byte counts, plug-ins, bad input."""
+from __future__ import annotations
+
+import random
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from engines import registry
+from engines.baselines import CachingEngine, LRUEngine, OffloadEngine
+from engines.errors import BadInput, EngineUnavailable
+from engines.hardware import HardwareProfile, parse_size
+from engines.runtime import ModelRuntime, SamplingSettings
+from harness.equivalence import check_engine, reference
+from workloads.models import load_model
+
+CPU = HardwareProfile.parse("cpu")
+MODELS = ["tiny-mixtral-random", "tiny-qwen2moe-random"]
+ENGINES = [("resident", {}), ("offload", {}), ("overlap", {}), ("caching", {}), ("caching", {"fraction": 0.5}),
+           ("lru", {}), ("lru", {"capacity": "3"})]
+
+
+def prompts_of_different_lengths(n=8, vocab=128, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab) for _ in range(rng.randrange(1, 24))] for _ in range(n)]
+
+
+def loaded(name, options=None, model="tiny-mixtral-random"):
+    engine = registry.create(name, **(options or {}))
+    engine.load(load_model(model), CPU)
+    return engine
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def reference_run(request):
+    prompts = prompts_of_different_lengths()
+    settings = SamplingSettings(max_new_tokens=12)
+    ref = loaded("resident", model=request.param)
+    tokens, logits = reference(ref, prompts, settings)
+    return request.param, prompts, settings, tokens, logits
+
+
+@pytest.mark.parametrize("name,options", ENGINES, ids=[f"{n}{o}" for n, o in ENGINES])
+def test_every_engine_gives_the_reference_tokens(reference_run, name, options):
+    model, prompts, settings, ref_tokens, ref_logits = reference_run
+    engine = loaded(name, options, model)
+    engine.prepare(prompts, settings)
+    eq = check_engine(engine, prompts, settings, ref_tokens, ref_logits)
+    assert eq.equivalent, eq.first_divergence
+    assert eq.teacher_forced_top1 == 1.0
+    assert eq.max_abs_logit_diff == 0.0
+    assert all(len(t) == settings.max_new_tokens for t in ref_tokens)
+
+
+def test_accelerate_says_why_it_cannot_run_on_cpu():
+    with pytest.raises(EngineUnavailable, match="needs a CUDA device"):
+        loaded("accelerate")
+
+
+def test_seeded_sampling_is_reproducible_and_engine_independent():
+    prompts = prompts_of_different_lengths(4)
+    settings = SamplingSettings(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
+    a = loaded("resident").generate(prompts, settings).tokens
+    b = loaded("lru", {"capacity": "2"}).generate(prompts, settings).tokens
+    c = loaded("resident").generate(prompts, SamplingSettings(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=8))
+    assert a == b
+    assert a != c.tokens
+
+
+def test_generation_stops_at_eos():
+    prompts = prompts_of_different_lengths(4)
+    free = loaded("resident").generate(prompts, SamplingSettings(max_new_tokens=12)).tokens
+    eos = free[0][3]
+    stopped = loaded("offload").generate(prompts, SamplingSettings(max_new_tokens=12, eos_token_id=eos)).tokens
+    for full, cut in zip(free, stopped):
+        end = full.index(eos) + 1 if eos in full else len(full)
+        assert cut == full[:end]
+
+
+# -- exact byte counts ----------------------------------------------------------------------------------------
+
+
+def routing_and_stats(engine, prompts, settings):
+    engine.runtime.routing_log = []
+    gen = engine.generate(prompts, settings)
+    log, engine.runtime.routing_log = engine.runtime.routing_log, None
+    return log, gen.stats
+
+
+def test_offload_moves_exactly_the_routed_experts_of_every_layer_and_step():
+    prompts, settings = prompts_of_different_lengths(), SamplingSettings(max_new_tokens=8)
+    engine = loaded("offload")
+    log, stats = routing_and_stats(engine, prompts, settings)
+    expected = sum(len(experts) for _, _, experts in log) * engine.runtime.store.expert_bytes
+    assert stats["h2d_bytes"] == expected
+    assert stats["h2d_copies"] == sum(len(experts) for _, _, experts in log)
+    assert stats["hits"] == 0
+    # one prefill plus one forward per further token, each through every MoE layer
+    assert len(log) == settings.max_new_tokens * engine.runtime.store.num_layers
+
+
+def test_lru_with_room_for_every_expert_moves_each_expert_once():
+    prompts, settings = prompts_of_different_lengths(), SamplingSettings(max_new_tokens=8)
+    engine = loaded("lru", {"capacity": "100%"})
+    log, stats = routing_and_stats(engine, prompts, settings)
+    used = {(layer, e) for _, layer, experts in log for e in experts}
+    assert stats["h2d_copies"] == len(used)
+    assert stats["h2d_bytes"] == len(used) * engine.runtime.store.expert_bytes
+    again = engine.generate(prompts, settings).stats  # everything is resident now
+    assert again["h2d_bytes"] == 0 and again["misses"] == 0
+
+
+def test_caching_never_moves_a_pinned_expert():
+    prompts, settings = prompts_of_different_lengths(), SamplingSettings(max_new_tokens=8)
+    engine = loaded("caching", {"fraction": 0.25})
+    engine.prepare(prompts, settings)
+    store = engine.runtime.store
+    assert len(engine.pinned) == 4  # 25% of 2 layers x 8 experts
+    moved = []
+    original = store.copy_to_device
+    store.copy_to_device = lambda layer, e, stream=None: moved.append((layer, e)) or original(layer, e, stream)
+    stats = engine.generate(prompts, settings).stats
+    assert moved and not set(moved) & engine.pinned
+    assert stats["hits"] > 0
+    assert set(store.resident) == engine.pinned
+
+
+def test_overlap_prefetches_every_expert_from_the_trace():
+    prompts, settings = prompts_of_different_lengths(), SamplingSettings(max_new_tokens=8)
+    engine, offload = loaded("overlap"), loaded("offload")
+    engine.prepare(prompts, settings)
+    stats = engine.generate(prompts, settings).stats
+    assert stats["misses"] == 0
+    assert stats["h2d_bytes"] == offload.generate(prompts, settings).stats["h2d_bytes"]
+
+
+# -- loading --------------------------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_saved_with_save_pretrained_loads_through_the_hub_path(tmp_path):
+    original = load_model("tiny-qwen2moe-random")
+    original.model.save_pretrained(tmp_path / "ckpt")
+    prompts, settings = prompts_of_different_lengths(3), SamplingSettings(max_new_tokens=6)
+    from_disk = load_model(str(tmp_path / "ckpt"))
+    assert from_disk.source == "checkpoint"
+    a = ModelRuntime(original.model, "cpu").generate(prompts, settings).tokens
+    b = ModelRuntime(from_disk.model, "cpu").generate(prompts, settings).tokens
+    assert a == b
+
+
+# -- plug-ins ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_engine_gets_did_you_mean():
+    with pytest.raises(BadInput, match=r"unknown engine 'ofload' \(did you mean 'offload'\?\); available engines"):
+        registry.create("ofload")
+
+
+def test_a_third_party_engine_registers_through_its_entry_point(tmp_path, monkeypatch):
+    pkg = tmp_path / "thirdparty_engine.py"
+    pkg.write_text(textwrap.dedent("""
+        from engines.baselines import OffloadEngine
+        class Mine(OffloadEngine):
+            name = "mine"
+            summary = "a third-party engine"
+    """))
+    dist = tmp_path / "thirdparty_engine-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-engine\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[specmoe_bench.engines]\nmine = thirdparty_engine:Mine\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert registry.available()["mine"] == "thirdparty_engine:Mine"
+    engine = registry.create("mine")
+    engine.load(load_model("tiny-mixtral-random"), CPU)
+    assert engine.generate([[1, 2, 3]], SamplingSettings(max_new_tokens=3)).stats["h2d_bytes"] > 0
+    sys.modules.pop("thirdparty_engine", None)
+
+
+# -- bad input -----------------------------------------------------------------------------------------------
+
+
+def test_lru_capacity_smaller_than_one_expert():
+    engine = registry.create("lru", capacity="1KiB")
+    with pytest.raises(BadInput, match="lru capacity '1KiB' holds no expert"):
+        engine.load(load_model("tiny-mixtral-random"), CPU)
+
+
+def test_unknown_engine_option():
+    with pytest.raises(BadInput, match="engine 'lru' has no option 'size'; its options: capacity"):
+        registry.create("lru", size=3)
+
+
+def test_empty_prompt_in_batch():
+    with pytest.raises(BadInput, match="prompt 1 of the batch is empty"):
+        loaded("offload").generate([[1, 2], []], SamplingSettings(max_new_tokens=2))
+
+
+def test_model_without_moe_layers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(BadInput, match="has no MoE layers"):
+        ModelRuntime(dense, "cpu")
+
+
+def test_unknown_model_and_missing_directory(tmp_path):
+    with pytest.raises(BadInput, match="unknown model 'tiny-mixtral'"):
+        load_model("tiny-mixtral")
+    with pytest.raises(BadInput, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("cuda:7", "needs CUDA|does not exist"),
+    ("tpu", "unknown hardware 'tpu'"),
+    ("cuda:budget=lots", "bad size 'lots'"),
+])
+def test_bad_hardware(spec, message):
+    if torch.cuda.is_available() and spec == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(BadInput, match=message):
+        HardwareProfile.parse(spec)
+
+
+def test_sizes():
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("1.5MB") == 1_500_000
+    assert HardwareProfile.parse("cuda:budget=8GiB", check_available=False).expert_budget_bytes == 8 * 2**30
