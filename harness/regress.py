@@ -1,0 +1,369 @@
+"""Regression check of a candidate run against a baseline: matched cells, metric by metric, each in its own
+direction. A timing change is called a regression only when it passes the ratio threshold *and* the per-iteration
+samples differ significantly (Mann-Whitney U, asv's rule); metrics that are deterministic on the CPU are compared
+exactly there, so any change in them is flagged.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from engines.errors import BadInput
+from harness.schema import METRIC_FIELDS, CellResult
+
+# metric -> which way is better. "exact": no better direction, any change is flagged.
+DIRECTION: dict[str, str] = {
+    "tokens_per_s": "higher", "decode_tokens_per_s": "higher", "prefill_tokens_per_s": "higher",
+    "ttft_ms": "lower", "tpot_ms_p50": "lower", "tpot_ms_p90": "lower", "tpot_ms_p99": "lower",
+    "e2e_latency_ms": "lower",
+    "output_tokens": "exact",
+    "h2d_bytes": "lower", "h2d_bytes_per_token": "lower", "h2d_copies": "lower", "expert_hit_rate": "higher",
+    "setup_h2d_bytes": "lower",
+    "drafted_tokens": "exact", "accepted_tokens": "higher", "acceptance_rate": "higher", "tokens_per_step": "higher",
+    "draft_time_ms": "lower", "verify_time_ms": "lower", "draft_h2d_bytes": "lower", "verify_h2d_bytes": "lower",
+    "peak_device_mem_bytes": "lower", "host_rss_bytes_max": "lower",
+    "equivalent": "higher", "exact_match_rate": "higher", "teacher_forced_top1": "higher",
+    "max_abs_logit_diff": "lower",
+}
+# Counted by the engine, not timed: identical from run to run on the CPU, so compared exactly there.
+DETERMINISTIC_ON_CPU = {"h2d_bytes_per_token", "h2d_bytes", "h2d_copies", "expert_hit_rate", "tokens_per_step",
+                        "acceptance_rate", "drafted_tokens", "accepted_tokens", "output_tokens", "equivalent",
+                        "exact_match_rate"}
+ALWAYS_EXACT = {"equivalent"}  # a reference match lost is a regression on any hardware
+# Compared when no --metric is given.
+DEFAULT_METRICS = ["tokens_per_s", "decode_tokens_per_s", "ttft_ms", "tpot_ms_p50", "h2d_bytes_per_token",
+                   "expert_hit_rate", "tokens_per_step", "acceptance_rate", "equivalent", "exact_match_rate"]
+assert set(DIRECTION) == set(METRIC_FIELDS) - {"iterations", "first_divergence"}, "DIRECTION out of date"
+
+ALPHA = 0.05  # significance level of the two-sided Mann-Whitney U test
+MIN_SAMPLES = 4  # per side: with 3 vs 3 samples the smallest two-sided p-value is 0.1, so 0.05 is unreachable
+# Environment keys that differ between any two runs and say nothing about comparability.
+ENV_IGNORED = {"hostname", "git_commit", "git_dirty", "git_describe", "started_at", "finished_at", "pid",
+               "command", "argv", "timestamp", "run_id"}
+
+# -- loading -------------------------------------------------------------------------------------------------
+
+
+def resolve_run(path: str | Path) -> Path:
+    """A run directory, or a run id under results/runs/."""
+    p = Path(path)
+    if not p.exists() and (Path("results/runs") / p).is_dir():
+        p = Path("results/runs") / p
+    if not p.is_dir():
+        raise BadInput(f"run {str(path)!r}: no such directory (give results/runs/<run-id> or a run id)")
+    return p
+
+
+def load_run(path: str | Path) -> list[CellResult]:
+    """Every cell result of a run directory (run.json + cells/*.json), in file-name order."""
+    run = resolve_run(path)
+    files = sorted((run / "cells").glob("*.json"))
+    if not files:
+        raise BadInput(f"run {str(run)!r}: no cell results in {run / 'cells'}")
+    return [_load_cell(f) for f in files]
+
+
+def _load_cell(f: Path) -> CellResult:
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{f}: corrupt or truncated result file ({exc.msg} at line {exc.lineno}, "
+                       f"column {exc.colno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{f}: cannot read result file ({exc})") from None
+    if not isinstance(data, dict) or "config" not in data:
+        raise BadInput(f"{f}: not a cell result (no 'config' object)")
+    try:
+        return CellResult.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(f"{f}: not a cell result of this schema ({exc})") from None
+
+
+def load_run_meta(path: str | Path) -> dict:
+    """run.json of a run directory ({} when absent); BadInput when it is corrupt."""
+    f = resolve_run(path) / "run.json"
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{f}: corrupt or truncated run file ({exc.msg} at line {exc.lineno})") from None
+
+
+# -- comparison ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    cell: str
+    metric: str
+    baseline: float | bool | None
+    candidate: float | bool | None
+    status: str  # regression | changed | improvement | ok | not significant | absent | failed | ...
+    p_value: float | None = None
+    note: str = ""
+
+    @property
+    def flagged(self) -> bool:
+        """Rows that make `regress` exit non-zero."""
+        return self.status in ("regression", "changed", "failed")
+
+    @property
+    def change(self) -> float | None:
+        """Relative change (candidate - baseline) / baseline, None where undefined."""
+        b, c = self.baseline, self.candidate
+        if b is None or c is None or isinstance(b, bool) or b == 0:
+            return None
+        return (c - b) / abs(b)
+
+
+def parse_threshold(text: str | float) -> float:
+    """'10%' or '0.1' -> 0.1."""
+    s = str(text).strip()
+    try:
+        value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        raise BadInput(f"--threshold {text!r}: give a percentage like 10% or a fraction like 0.1") from None
+    if not 0 < value < 10:
+        raise BadInput(f"--threshold {text!r}: must be greater than 0% and less than 1000%")
+    return value
+
+
+def check_metrics(names: list[str]) -> list[str]:
+    import difflib
+    for n in names:
+        if n not in DIRECTION:
+            close = difflib.get_close_matches(n, list(DIRECTION), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise BadInput(f"unknown metric {n!r}{hint}; known metrics: {', '.join(DIRECTION)}")
+    return names
+
+
+def compare_metric(cell: str, metric: str, base: CellResult, cand: CellResult, threshold: float) -> Row:
+    b, c = getattr(base.metrics, metric), getattr(cand.metrics, metric)
+    if b is None or c is None:
+        side = "both" if b is None and c is None else ("baseline" if b is None else "candidate")
+        return Row(cell, metric, b, c, "absent", note=f"not measured in {side}")
+    direction = DIRECTION[metric]
+    cpu = base.config.hardware == "cpu" and cand.config.hardware == "cpu"
+    if metric in ALWAYS_EXACT or (cpu and metric in DETERMINISTIC_ON_CPU) or direction == "exact":
+        if b == c:
+            return Row(cell, metric, b, c, "ok", note="exact")
+        worse = direction == "exact" or (c < b if direction == "higher" else c > b)
+        return Row(cell, metric, b, c, "regression" if worse else "changed",
+                   note="deterministic: exact comparison" + ("" if worse else "; better, update the baseline"))
+    if b == c:
+        return Row(cell, metric, b, c, "ok", note="unchanged")
+    # worse > 1 means the candidate is worse by that factor
+    if b == 0 or c == 0:
+        worse = math.inf if (c == 0) == (direction == "higher") else 0.0
+    else:
+        worse = c / b if direction == "lower" else b / c
+    if 1 / (1 + threshold) <= worse <= 1 + threshold:
+        return Row(cell, metric, b, c, "ok", note=f"within {threshold:.0%}")
+    verdict = "regression" if worse > 1 else "improvement"
+    xs, ys = base.samples.get(metric) or [], cand.samples.get(metric) or []
+    if len(xs) < MIN_SAMPLES or len(ys) < MIN_SAMPLES:
+        return Row(cell, metric, b, c, "not significant",
+                   note=f"{verdict} by ratio; n too small ({len(xs)} vs {len(ys)} samples, need {MIN_SAMPLES})")
+    from scipy.stats import mannwhitneyu
+    p = float(mannwhitneyu(xs, ys, alternative="two-sided").pvalue)
+    if p >= ALPHA:
+        return Row(cell, metric, b, c, "not significant", p, note=f"{verdict} by ratio; p={p:.3g}")
+    return Row(cell, metric, b, c, verdict, p, note=f"p={p:.3g}")
+
+
+def environment_warnings(base: list[CellResult], cand: list[CellResult], base_meta: dict,
+                         cand_meta: dict) -> list[str]:
+    """One line per environment key whose value differs (torch version, GPU, CPU count, ...)."""
+
+    def env(cells, meta):
+        out = dict(meta.get("environment") or {})
+        for r in cells:
+            if r.environment:
+                out.update(r.environment)
+                break
+        return out
+
+    eb, ec = env(base, base_meta), env(cand, cand_meta)
+    lines = []
+    for k in sorted(set(eb) & set(ec) - ENV_IGNORED):
+        if eb[k] != ec[k] and not isinstance(eb[k], (dict, list)):
+            lines.append(f"warning: environments differ: {k} = {eb[k]!r} in the baseline, {ec[k]!r} in the candidate")
+        elif isinstance(eb[k], (dict, list)) and json.dumps(eb[k], sort_keys=True) != json.dumps(ec[k], sort_keys=True):
+            lines.append(f"warning: environments differ: {k} differs between baseline and candidate")
+    return lines
+
+
+@dataclass
+class Comparison:
+    rows: list[Row]
+    warnings: list[str]
+    only_baseline: list[str]
+    only_candidate: list[str]
+
+    @property
+    def failed(self) -> bool:
+        return any(r.flagged for r in self.rows)
+
+
+def compare_runs(base: list[CellResult], cand: list[CellResult], threshold: float,
+                 metrics: list[str] | None = None, base_meta: dict | None = None,
+                 cand_meta: dict | None = None) -> Comparison:
+    metrics = check_metrics(metrics or DEFAULT_METRICS)
+    bmap = {r.config.key(): r for r in base}
+    cmap = {r.config.key(): r for r in cand}
+    common = [k for k in bmap if k in cmap]
+    if not common:
+        raise BadInput(f"baseline and candidate have no cells in common ({len(bmap)} vs {len(cmap)} cells; "
+                       "cells match on engine, model, batch size, hardware, workload, lengths and seed)")
+    rows = []
+    for key in common:
+        b, c = bmap[key], cmap[key]
+        if b.status != "ok" or c.status != "ok":
+            if b.status == "ok":
+                rows.append(Row(key, "status", None, None, "failed",
+                                note=f"cell {c.status} in the candidate: {c.error or ''}".strip()))
+            else:
+                rows.append(Row(key, "status", None, None, "skipped",
+                                note=f"cell {b.status} in the baseline" + (f", {c.status} in the candidate"
+                                                                            if c.status != "ok" else "")))
+            continue
+        rows += [compare_metric(key, m, b, c, threshold) for m in metrics]
+    return Comparison(rows, environment_warnings(base, cand, base_meta or {}, cand_meta or {}),
+                      [k for k in bmap if k not in cmap], [k for k in cmap if k not in bmap])
+
+
+# -- rendering -----------------------------------------------------------------------------------------------
+
+
+def fmt_value(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1000):
+        return f"{int(v):,}"
+    return f"{v:.4g}"
+
+
+def render_markdown(comp: Comparison, threshold: float) -> str:
+    lines = list(comp.warnings)
+    lines += ["", f"| cell | metric | baseline | candidate | change | status | note |",
+              "| --- | --- | ---: | ---: | ---: | --- | --- |"]
+    hidden = 0
+    for r in comp.rows:
+        if r.status == "absent" and r.baseline is None and r.candidate is None:
+            hidden += 1  # not measured by either run (no speculation, no NVML): counted below, not listed
+            continue
+        change = "-" if r.change is None else f"{r.change:+.1%}" if abs(r.change) >= 1e-3 or r.change == 0 \
+            else f"{r.change:+.4%}"
+        status = f"**{r.status}**" if r.flagged else r.status
+        lines.append(f"| {r.cell} | {r.metric} | {fmt_value(r.baseline)} | {fmt_value(r.candidate)} | {change} "
+                     f"| {status} | {r.note} |")
+    n_flag = sum(r.flagged for r in comp.rows)
+    counts = {}
+    for r in comp.rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    lines += ["", f"threshold {threshold:.0%} on timings (Mann-Whitney U, alpha {ALPHA}, at least {MIN_SAMPLES} "
+                  f"samples per side); deterministic CPU metrics compared exactly",
+              "summary: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+              + (f" ({hidden} absent in both runs, not listed)" if hidden else "")]
+    if comp.only_baseline:
+        lines.append(f"note: {len(comp.only_baseline)} cell(s) only in the baseline: {', '.join(comp.only_baseline)}")
+    if comp.only_candidate:
+        lines.append(f"note: {len(comp.only_candidate)} cell(s) only in the candidate: "
+                     f"{', '.join(comp.only_candidate)}")
+    lines.append(f"result: {'REGRESSION' if comp.failed else 'no regression'} ({n_flag} flagged)")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def unit_of(metric: str) -> str:
+    if metric.endswith("_per_s"):
+        return "tokens/s"
+    if metric.endswith("_ms"):
+        return "ms"
+    if metric.endswith("_bytes_per_token"):
+        return "bytes/token"
+    if metric.endswith("_bytes") or metric.endswith("_bytes_max"):
+        return "bytes"
+    return {"tokens_per_step": "tokens/step", "equivalent": "1 = yes"}.get(metric, "ratio" if "rate" in metric
+                                                                            or "top1" in metric else "count")
+
+
+def github_benchmark_json(cand: list[CellResult], comp: Comparison) -> tuple[list[dict], list[dict]]:
+    """Entries for github-action-benchmark: (customBiggerIsBetter, customSmallerIsBetter). The candidate's values;
+    `range` is the sample standard deviation where samples exist."""
+    cmap = {r.config.key(): r for r in cand}
+    bigger, smaller = [], []
+    for r in comp.rows:
+        if r.metric == "status" or r.candidate is None:
+            continue
+        samples = cmap[r.cell].samples.get(r.metric) or []
+        entry = {"name": f"{r.cell} {r.metric}", "unit": unit_of(r.metric), "value": float(r.candidate),
+                 "extra": f"baseline {fmt_value(r.baseline)}; {r.status}" + (f"; {r.note}" if r.note else "")}
+        if len(samples) > 1:
+            mean = sum(samples) / len(samples)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in samples) / (len(samples) - 1))
+            entry["range"] = f"± {sd:.4g}"
+        (smaller if DIRECTION[r.metric] == "lower" else bigger).append(entry)
+    return bigger, smaller
+
+
+def write_github_json(path: str | Path, cand: list[CellResult], comp: Comparison) -> list[Path]:
+    p = Path(path)
+    bigger, smaller = github_benchmark_json(cand, comp)
+    stem = p.with_suffix("") if p.suffix == ".json" else p
+    out = []
+    for name, entries in (("bigger", bigger), ("smaller", smaller)):
+        f = stem.parent / f"{stem.name}.{name}.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(entries, indent=2) + "\n")
+        out.append(f)
+    return out
+
+
+# -- command -------------------------------------------------------------------------------------------------
+
+
+@click.command("regress", help="Compare a candidate run with a baseline run cell by cell; print a Markdown table "
+                               "and exit 1 on a regression (2 on bad input).")
+@click.option("--baseline", required=True, metavar="RUN",
+              help="Baseline run directory (results/runs/<id> or results/baselines/<name>) or run id.")
+@click.option("--candidate", required=True, metavar="RUN", help="Candidate run directory or run id.")
+@click.option("--threshold", default="10%", show_default=True,
+              help="Ratio a timing metric must move by before it can be a regression, e.g. 10% or 0.1.")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help=f"Compare only this metric (repeatable). Default: {', '.join(DEFAULT_METRICS)}.")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Also write github-action-benchmark input: PATH.bigger.json (tool customBiggerIsBetter) and "
+                   "PATH.smaller.json (customSmallerIsBetter), a trailing .json of PATH dropped.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also write the Markdown table to FILE.")
+def regress_command(baseline, candidate, threshold, metrics, json_out, out):
+    try:
+        thr = parse_threshold(threshold)
+        check_metrics(list(metrics))
+        base, cand = load_run(baseline), load_run(candidate)
+        comp = compare_runs(base, cand, thr, list(metrics) or None, load_run_meta(baseline), load_run_meta(candidate))
+    except BadInput as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    text = render_markdown(comp, thr)
+    click.echo(text, nl=False)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    if json_out:
+        for f in write_github_json(json_out, cand, comp):
+            click.echo(f"wrote {f}")
+    sys.exit(1 if comp.failed else 0)
+
+
+if __name__ == "__main__":
+    regress_command()
