@@ -1,0 +1,254 @@
+"""The benchmark matrix: a TOML file whose axes (engines x models x batch sizes x hardware x workloads) expand into
+cells, with include/exclude rules and per-engine options. Validation is strict and every error names file and key.
+
+    [matrix]
+    engines = ["resident", "offload", "lru"]
+    models = ["tiny"]
+    batch_sizes = [1, 4, 16]
+    hardware = ["cpu"]
+    workloads = ["synthetic-ids"]        # optional
+    [settings]                            # optional; CellConfig fields shared by every cell
+    max_new_tokens = 32
+    [engines.lru]                         # options of one engine
+    capacity = "50%"
+    [models."mixtral-8x7b"]               # settings for one model (model_layers, dtype, prompt_len, ...)
+    model_layers = 4
+    [[exclude]]                           # drop cells matching every key given (a list matches any of its values)
+    engine = "resident"
+    hardware = "cuda:budget=24GiB"
+    [[include]]                           # add cells (every axis key given; lists expand)
+    engine = "lru"
+    model = "tiny"
+    batch_size = 64
+    hardware = "cpu"
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engines.errors import BadInput
+
+from .schema import CellConfig
+
+AXES = {"engines": "engine", "models": "model", "batch_sizes": "batch_size", "hardware": "hardware",
+        "workloads": "workload"}  # [matrix] key -> CellConfig field
+DEFAULT_WORKLOAD = "synthetic-ids"
+# [settings] keys: CellConfig fields that are not axes (engine options come from [engines.NAME])
+SETTINGS = {f.name: f for f in dataclasses.fields(CellConfig)
+            if f.name not in set(AXES.values()) | {"engine_options"}}
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "int | None": (int,)}
+MATRICES_DIR = Path(__file__).resolve().parent.parent / "matrices"
+
+
+@dataclass
+class Matrix:
+    cells: list[CellConfig]
+    source: str  # the file, or "compare" for an ad-hoc matrix
+    text: str = ""  # the TOML as written, stored in run.json
+    axes: dict = field(default_factory=dict)
+
+
+def _type_name(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def check_setting(where: str, key: str, value):
+    """Validate one [settings] value against the CellConfig field's type and range; returns it converted."""
+    f = SETTINGS.get(key)
+    if f is None:
+        raise BadInput(f"{where}: unknown key {key!r}; allowed: {', '.join(SETTINGS)}")
+    kinds = _TYPES[str(f.type)]
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise BadInput(f"{where}: {key} must be {'an integer' if kinds == (int,) else 'a number' if float in kinds else 'a string'}, "
+                       f"got {_type_name(value)} {value!r}")
+    if key == "dtype" and value not in ("float32", "float16", "bfloat16"):
+        raise BadInput(f"{where}: dtype {value!r} is not one of float32, float16, bfloat16")
+    positive = {"prompt_len", "max_new_tokens", "min_iterations", "model_layers", "timeout_s"}
+    if key in positive and value <= 0:
+        raise BadInput(f"{where}: {key} must be greater than 0, got {value!r}")
+    if key in {"warmup", "min_duration_s", "temperature", "seed"} and value < 0:
+        raise BadInput(f"{where}: {key} must be 0 or more, got {value!r}")
+    if key == "top_p" and not 0 < value <= 1:
+        raise BadInput(f"{where}: top_p must be in (0, 1], got {value!r}")
+    return float(value) if float in kinds else value
+
+
+def _check_axis(where: str, key: str, values) -> list:
+    if not isinstance(values, list):
+        values = [values]
+    if not values:
+        raise BadInput(f"{where}: {key} is empty; give at least one value")
+    out = []
+    for v in values:
+        if key == "batch_sizes":
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise BadInput(f"{where}: batch_sizes must hold whole numbers, got {_type_name(v)} {v!r}")
+            if v < 1:
+                raise BadInput(f"{where}: batch size {v} must be at least 1")
+        elif not isinstance(v, str) or not v.strip():
+            raise BadInput(f"{where}: {key} must hold non-empty strings, got {_type_name(v)} {v!r}")
+        if v in out:
+            raise BadInput(f"{where}: {key} lists {v!r} twice")
+        out.append(v)
+    return out
+
+
+def _rule(where: str, rule, include: bool) -> dict[str, list]:
+    if not isinstance(rule, dict):
+        raise BadInput(f"{where}: must be a table like {{ engine = \"lru\", batch_size = 1 }}")
+    out = {}
+    by_field = {v: k for k, v in AXES.items()}
+    for key, value in rule.items():
+        if key not in by_field:
+            raise BadInput(f"{where}: unknown key {key!r}; allowed: {', '.join(by_field)}")
+        out[key] = _check_axis(f"{where}.{key}", by_field[key], value)
+    if not out:
+        raise BadInput(f"{where}: empty rule; name at least one of {', '.join(by_field)}")
+    if include:
+        missing = [k for k in ("engine", "model", "batch_size", "hardware") if k not in out]
+        if missing:
+            raise BadInput(f"{where}: an include names a whole cell; missing {', '.join(missing)}")
+    return out
+
+
+def _matches(cell: CellConfig, rule: dict[str, list]) -> bool:
+    return all(getattr(cell, key) in values for key, values in rule.items())
+
+
+def parse(text: str, source: str, check_hardware: bool = True, check_names: bool = True) -> Matrix:
+    """Parse and validate a matrix; raises BadInput naming `source` and the key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"{source}: TOML syntax error: {exc}") from None
+    allowed_top = {"matrix", "settings", "engines", "models", "include", "exclude"}
+    for key in data:
+        if key not in allowed_top:
+            raise BadInput(f"{source}: unknown top-level key {key!r}; allowed: {', '.join(sorted(allowed_top))}")
+    m = data.get("matrix")
+    if not isinstance(m, dict):
+        raise BadInput(f"{source}: missing [matrix] table with engines, models, batch_sizes, hardware")
+    axes = {}
+    for key in m:
+        if key not in AXES:
+            raise BadInput(f"{source}: [matrix] unknown key {key!r}; allowed: {', '.join(AXES)}")
+    for key in AXES:
+        if key not in m:
+            if key == "workloads":
+                axes[key] = [DEFAULT_WORKLOAD]
+                continue
+            raise BadInput(f"{source}: [matrix] missing key {key!r}")
+        axes[key] = _check_axis(f"{source}: [matrix]", key, m[key])
+
+    settings = _table(source, data, "settings")
+    settings = {k: check_setting(f"{source}: [settings]", k, v) for k, v in settings.items()}
+    model_settings = {}
+    for name, table in _table(source, data, "models").items():
+        if not isinstance(table, dict):
+            raise BadInput(f"{source}: [models] {name!r} must be a table of settings")
+        model_settings[name] = {k: check_setting(f"{source}: [models.{name!r}]", k, v) for k, v in table.items()}
+    engine_options = {}
+    for name, table in _table(source, data, "engines").items():
+        if not isinstance(table, dict):
+            raise BadInput(f"{source}: [engines] {name!r} must be a table of that engine's options")
+        engine_options[name] = table
+
+    rules = {}
+    for kind in ("include", "exclude"):
+        value = data.get(kind, [])
+        if not isinstance(value, list):
+            raise BadInput(f"{source}: {kind} must be an array of tables: write [[{kind}]]")
+        rules[kind] = [_rule(f"{source}: [[{kind}]] #{i + 1}", r, kind == "include") for i, r in enumerate(value)]
+
+    def make(engine, model, batch_size, hardware, workload):
+        kw = dict(settings)
+        kw.update(model_settings.get(model, {}))
+        return CellConfig(engine=engine, model=model, batch_size=batch_size, hardware=hardware, workload=workload,
+                          engine_options=dict(engine_options.get(engine, {})), **kw)
+
+    cells = [make(*combo) for combo in itertools.product(*(axes[k] for k in AXES))]
+    cells = [c for c in cells if not any(_matches(c, r) for r in rules["exclude"])]
+    for rule in rules["include"]:
+        values = [rule.get(AXES[k], axes[k] if k == "workloads" else None) for k in AXES]
+        for combo in itertools.product(*values):
+            cell = make(*combo)
+            if all(c.key() != cell.key() for c in cells):
+                cells.append(cell)
+    if not cells:
+        raise BadInput(f"{source}: the exclude rules remove every cell")
+    for name in model_settings:
+        if all(c.model != name for c in cells):
+            raise BadInput(f"{source}: [models.{name!r}] names a model that no cell uses")
+    for name in engine_options:
+        if all(c.engine != name for c in cells):
+            raise BadInput(f"{source}: [engines.{name}] names an engine that no cell uses")
+    if check_names:
+        validate_cells(cells, source, check_hardware=check_hardware)
+    return Matrix(cells=cells, source=source, text=text, axes=axes)
+
+
+def _table(source: str, data: dict, key: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise BadInput(f"{source}: {key} must be a table: write [{key}]")
+    return value
+
+
+def load(path: str | Path, check_hardware: bool = True) -> Matrix:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such matrix file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path}: cannot read the matrix file ({exc})") from None
+    return parse(text, str(path), check_hardware=check_hardware)
+
+
+def default_matrix_path() -> Path:
+    """gpu.toml on a machine with CUDA, cpu.toml otherwise."""
+    import torch
+    return MATRICES_DIR / ("gpu.toml" if torch.cuda.is_available() else "cpu.toml")
+
+
+def check_model_name(name: str) -> None:
+    """A model name must be a known preset/checkpoint name, a local directory or a hub id org/name."""
+    from workloads.models import did_you_mean, known_models
+    if name in known_models() or Path(name).expanduser().is_dir():
+        return
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return  # a hub id; whether it resolves is known only when the cell loads it
+    raise BadInput(f"unknown model {name!r}{did_you_mean(name, known_models())}; "
+                   f"allowed: {', '.join(known_models())}, a local checkpoint directory or a hub id org/name")
+
+
+def check_workload_name(name: str) -> None:
+    from .runner import check_workload
+    check_workload(name)
+
+
+def validate_cells(cells: list[CellConfig], source: str, check_hardware: bool = True) -> None:
+    """Every engine, engine option, model, hardware and workload must exist before anything is measured."""
+    from engines import registry
+    from engines.hardware import HardwareProfile
+
+    seen = set()
+    for c in cells:
+        for kind, value, check in (
+                ("engine", (c.engine, tuple(sorted(c.engine_options.items()))),
+                 lambda v: registry.create(v[0], **dict(v[1]))),
+                ("model", c.model, check_model_name),
+                ("hardware", c.hardware, lambda v: HardwareProfile.parse(v, check_available=check_hardware)),
+                ("workload", c.workload, check_workload_name)):
+            if (kind, value) in seen:
+                continue
+            seen.add((kind, value))
+            try:
+                check(value)
+            except BadInput as exc:
+                raise BadInput(f"{source}: {exc}") from None

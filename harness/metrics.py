@@ -1,0 +1,137 @@
+"""Turn an engine's Generations (one per measured iteration) into the Metrics of a cell.
+
+Definitions (per iteration, then the mean over iterations; `samples` keeps the per-iteration values):
+  tokens_per_s          output tokens of all sequences / (t_end - t_start); prefill included
+  decode_tokens_per_s   tokens emitted by decode steps / (last step time - t_first); absent with no decode step
+  prefill_tokens_per_s  prompt tokens of all sequences / TTFT
+  ttft_ms               t_first - t_start: the whole batch's first tokens are known
+  tpot_ms_pNN           percentiles over every decode step of every iteration of the per-token time of that step
+                        for one sequence: step duration / (tokens the step emitted / batch size). For plain
+                        decoding that is the step duration; a speculative step that gives each sequence 3 tokens
+                        counts a third of its duration per token
+  h2d_bytes_per_token   expert bytes copied host -> device / output tokens
+  expert_hit_rate       hits / (hits + misses) of expert requests
+  tokens_per_step       tokens a sequence gains per decode step, bonus token included (vLLM's convention):
+                        sum(step_tokens) / seq_steps; 1.0 for plain decoding
+  acceptance_rate       accepted / drafted tokens; absent for engines that do not draft
+A value that was not measured stays None; nothing defaults to 0.
+"""
+from __future__ import annotations
+
+import statistics
+
+from engines.runtime import Generation
+
+from .schema import Metrics
+
+# Per-iteration values kept in CellResult.samples (significance tests compare these across runs).
+SAMPLE_KEYS = ("tokens_per_s", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "e2e_latency_ms",
+               "h2d_bytes_per_token")
+
+
+def _ratio(num, den) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def iteration_values(g: Generation) -> dict[str, float | None]:
+    """The per-iteration metrics of one Generation."""
+    out_tokens = sum(len(t) for t in g.tokens)
+    e2e = g.t_end - g.t_start
+    ttft = g.t_first - g.t_start
+    decode_tokens = sum(g.step_tokens)
+    decode_time = (g.step_times[-1] - g.t_first) if g.step_times else None
+    stats = g.stats or {}
+    return {
+        "output_tokens": out_tokens,
+        "tokens_per_s": _ratio(out_tokens, e2e),
+        "decode_tokens_per_s": _ratio(decode_tokens, decode_time) if decode_tokens else None,
+        "prefill_tokens_per_s": _ratio(sum(g.prompt_lens), ttft),
+        "ttft_ms": ttft * 1e3,
+        "e2e_latency_ms": e2e * 1e3,
+        "h2d_bytes": stats.get("h2d_bytes"),
+        "h2d_bytes_per_token": _ratio(stats.get("h2d_bytes"), out_tokens),
+    }
+
+
+def tpot_samples_ms(g: Generation) -> list[float]:
+    """Per-token time of each decode step for one sequence (see the module docstring)."""
+    batch = len(g.tokens)
+    out, prev = [], g.t_first
+    for t, n in zip(g.step_times, g.step_tokens):
+        if n > 0:
+            out.append((t - prev) * 1e3 * batch / n)
+        prev = t
+    return out
+
+
+def _sum_stat(gens: list[Generation], key: str) -> float | None:
+    """Sum of one engine counter over iterations; None when any iteration lacks it (not measured)."""
+    values = [(g.stats or {}).get(key) for g in gens]
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values)
+
+
+def compute(gens: list[Generation]) -> tuple[Metrics, dict[str, list[float]]]:
+    """Metrics (means per iteration) and per-iteration samples from the measured Generations."""
+    if not gens:
+        return Metrics(), {}
+    n = len(gens)
+    per = [iteration_values(g) for g in gens]
+    samples = {k: [p[k] for p in per] for k in SAMPLE_KEYS if all(p[k] is not None for p in per)}
+    tpot = [x for g in gens for x in tpot_samples_ms(g)]
+
+    def per_iter(key):  # a counter summed over iterations, reported per iteration
+        total = _sum_stat(gens, key)
+        return None if total is None else total / n
+
+    out_tokens = sum(p["output_tokens"] for p in per)
+    hits, misses = _sum_stat(gens, "hits"), _sum_stat(gens, "misses")
+    drafted, accepted = _sum_stat(gens, "drafted_tokens"), _sum_stat(gens, "accepted_tokens")
+    seq_steps = _sum_stat(gens, "seq_steps")
+    step_tokens = sum(sum(g.step_tokens) for g in gens)
+    h2d = _sum_stat(gens, "h2d_bytes")
+    draft_s, verify_s = per_iter("draft_time_s"), per_iter("verify_time_s")
+    m = Metrics(
+        tokens_per_s=_mean(p["tokens_per_s"] for p in per),
+        decode_tokens_per_s=_mean(p["decode_tokens_per_s"] for p in per),
+        prefill_tokens_per_s=_mean(p["prefill_tokens_per_s"] for p in per),
+        ttft_ms=_mean(p["ttft_ms"] for p in per),
+        tpot_ms_p50=percentile(tpot, 50),
+        tpot_ms_p90=percentile(tpot, 90),
+        tpot_ms_p99=percentile(tpot, 99),
+        e2e_latency_ms=_mean(p["e2e_latency_ms"] for p in per),
+        output_tokens=round(out_tokens / n),
+        iterations=n,
+        h2d_bytes=None if h2d is None else round(h2d / n),
+        h2d_bytes_per_token=_ratio(h2d, out_tokens),
+        h2d_copies=None if per_iter("h2d_copies") is None else round(per_iter("h2d_copies")),
+        expert_hit_rate=_ratio(hits, None if hits is None or misses is None else hits + misses),
+        drafted_tokens=None if drafted is None else round(drafted / n),
+        accepted_tokens=None if accepted is None else round(accepted / n),
+        acceptance_rate=_ratio(accepted, drafted),
+        tokens_per_step=_ratio(step_tokens, seq_steps),
+        draft_time_ms=None if draft_s is None else draft_s * 1e3,
+        verify_time_ms=None if verify_s is None else verify_s * 1e3,
+        draft_h2d_bytes=None if per_iter("draft_h2d_bytes") is None else round(per_iter("draft_h2d_bytes")),
+        verify_h2d_bytes=None if per_iter("verify_h2d_bytes") is None else round(per_iter("verify_h2d_bytes")),
+    )
+    return m, samples

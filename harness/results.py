@@ -1,0 +1,302 @@
+"""Results that survive: a run directory with one JSON file per cell, written atomically as each cell finishes,
+read back into one tidy pandas table (a row per cell) and rendered by the one table renderer of the project.
+
+    results/runs/<run-id>/run.json           the matrix, environment, start time, the cells planned
+    results/runs/<run-id>/cells/<key>.json   one CellResult per cell (schema harness.schema)
+    results/runs/<run-id>/reference/         cached `resident` outputs for equivalence
+    results/runs/<run-id>/logs/<key>.log     the cell process's stderr
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from engines.errors import BadInput
+
+from .schema import METRIC_FIELDS, CellConfig, CellResult
+
+DEFAULT_RESULTS_DIR = Path("results/runs")
+FINISHED = ("ok", "skipped", "failed")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory and os.replace: readers see the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, default=_json_default, allow_nan=False) + "\n")
+
+
+def _json_default(o):
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def clean_floats(obj):
+    """NaN/inf are not JSON: a value that is not a number was not measured, so it becomes None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: clean_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clean_floats(v) for v in obj]
+    return obj
+
+
+def cell_filename(cell: CellConfig) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,%\[\]+-]", "_", cell.key()) + ".json"
+
+
+def new_run_id(label: str) -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + re.sub(r"[^A-Za-z0-9_-]", "_", label)
+
+
+class RunDir:
+    """One run on disk. Creating it checks that the location can be written before anything is measured."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.id = self.path.name
+        self.cells_dir = self.path / "cells"
+        self.reference_dir = self.path / "reference"
+        self.logs_dir = self.path / "logs"
+        self.tmp_dir = self.path / "tmp"
+
+    @classmethod
+    def create(cls, results_dir: Path, run_id: str) -> "RunDir":
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", run_id) or run_id in (".", ".."):
+            raise BadInput(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only")
+        run = cls(Path(results_dir) / run_id)
+        try:
+            for d in (run.cells_dir, run.reference_dir, run.logs_dir, run.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            probe = run.tmp_dir / f".probe-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise BadInput(f"results directory {run.path}: cannot be written ({exc.strerror or exc})") from None
+        return run
+
+    @classmethod
+    def open(cls, ref: str | Path, results_dir: Path = DEFAULT_RESULTS_DIR) -> "RunDir":
+        """A run id (under results_dir) or a path to a run directory."""
+        for candidate in (Path(ref), Path(results_dir) / str(ref)):
+            if (candidate / "cells").is_dir():
+                return cls(candidate)
+        known = sorted(p.name for p in Path(results_dir).glob("*") if (p / "cells").is_dir())
+        hint = f"; runs under {results_dir}: {', '.join(known[-5:])}" if known else f"; {results_dir} holds no runs"
+        raise BadInput(f"run {str(ref)!r}: not a run id or run directory{hint}")
+
+    # -- run.json ---------------------------------------------------------------------------------------------
+
+    def write_meta(self, meta: dict) -> None:
+        atomic_write_json(self.path / "run.json", meta)
+
+    def read_meta(self) -> dict:
+        try:
+            return json.loads((self.path / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    # -- cells ------------------------------------------------------------------------------------------------
+
+    def cell_path(self, cell: CellConfig) -> Path:
+        return self.cells_dir / cell_filename(cell)
+
+    def finished(self, cell: CellConfig) -> CellResult | None:
+        """The stored result of a cell, or None when it has not finished (or its file cannot be read)."""
+        try:
+            result = read_cell(self.cell_path(cell))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        return result if result.status in FINISHED else None
+
+    def write_cell(self, result: CellResult) -> Path:
+        path = self.cell_path(result.config)
+        atomic_write_json(path, clean_floats(result.to_dict()))
+        return path
+
+    def results(self) -> list[CellResult]:
+        out = []
+        for p in sorted(self.cells_dir.glob("*.json")):
+            try:
+                out.append(read_cell(p))
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                raise BadInput(f"{p}: not a readable cell result ({exc})") from None
+        return out
+
+
+def read_cell(path: Path) -> CellResult:
+    return CellResult.from_dict(json.loads(Path(path).read_text()))
+
+
+# -- the tidy table ---------------------------------------------------------------------------------------------
+
+CONFIG_COLUMNS = ["engine", "model", "batch_size", "hardware", "workload", "engine_options", "model_layers", "dtype",
+                  "prompt_len", "max_new_tokens", "temperature", "seed"]
+
+
+def row(result: CellResult, run_id: str | None = None) -> dict:
+    """One flat row per cell: config, status, every metric (None when absent), NVML keys as nvml_*."""
+    c = result.config
+    r = {"run_id": run_id, "cell": c.key()}
+    for k in CONFIG_COLUMNS:
+        v = getattr(c, k)
+        r[k] = json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
+    r.update(status=result.status, valid=result.valid, invalid_reason=result.invalid_reason, error=result.error)
+    m = result.metrics
+    for k in METRIC_FIELDS:
+        v = getattr(m, k)
+        r[k] = json.dumps(v) if isinstance(v, list) else v
+    for k, v in sorted((m.nvml or {}).items()):
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            r[f"nvml_{k}"] = v
+    mi = result.model_info or {}
+    r["model_source"] = mi.get("source")
+    env = result.environment or {}
+    r.update(gpu_name=env.get("gpu_name"), git_commit=env.get("git_commit"), git_dirty=env.get("git_dirty"),
+             host=env.get("host"), wall_s=result.wall_s)
+    return r
+
+
+def load_table(run: RunDir):
+    """A whole run as one pandas DataFrame, one row per cell."""
+    import pandas as pd
+    rows = [row(r, run.id) for r in run.results()]
+    return pd.DataFrame(rows)
+
+
+def export(run: RunDir, csv: Path | None = None, parquet: Path | None = None) -> list[Path]:
+    df = load_table(run)
+    written = []
+    for path, write in ((csv, lambda p: df.to_csv(p, index=False)), (parquet, lambda p: df.to_parquet(p, index=False))):
+        if path is None:
+            continue
+        check_writable(path)
+        write(path)
+        written.append(Path(path))
+    return written
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise BadInput now, before measuring, if `path` could not be written later."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise BadInput(f"output path {p}: is a directory")
+    if not parent.is_dir():
+        raise BadInput(f"output path {p}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise BadInput(f"output path {p}: not writable")
+
+
+# -- rendering: the one text table renderer ----------------------------------------------------------------------
+
+# Metrics shown side by side per engine, with how to print each and whether larger is better.
+COMPARE_METRICS = [
+    ("tokens_per_s", "{:.1f}"), ("decode_tokens_per_s", "{:.1f}"), ("ttft_ms", "{:.1f}"),
+    ("tpot_ms_p50", "{:.2f}"), ("tpot_ms_p99", "{:.2f}"), ("h2d_bytes_per_token", "bytes"),
+    ("expert_hit_rate", "{:.3f}"), ("tokens_per_step", "{:.2f}"), ("acceptance_rate", "{:.3f}"),
+    ("equivalent", "bool"),
+]
+
+
+def fmt(value, how: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if how == "bool":
+        return "yes" if value else "no"
+    if how == "bytes":
+        from engines.hardware import format_bytes
+        return format_bytes(value)
+    return how.format(value)
+
+
+def render_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i >= 1 and _numeric(c) else str(c).ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def _numeric(text) -> bool:
+    return bool(re.match(r"^-?[0-9.]+", str(text)))
+
+
+def comparison_table(results: list[CellResult], engines: list[str] | None = None) -> str:
+    """Engines side by side, one row per (model, hardware, workload, batch size, metric); each engine's value
+    followed by its ratio to the first engine (for every metric except booleans)."""
+    if not results:
+        return "(no cells)"
+    if engines is None:
+        engines = list(dict.fromkeys(r.config.engine for r in results))
+    groups: dict[tuple, dict[str, CellResult]] = {}
+    for r in results:
+        c = r.config
+        groups.setdefault((c.model, c.hardware, c.workload, c.batch_size), {})[c.engine] = r
+    header = ["model", "hardware", "batch", "metric"] + [e if i == 0 else f"{e} (x {engines[0]})"
+                                                         for i, e in enumerate(engines)]
+    rows = []
+    for (model, hw, workload, batch), by_engine in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                                          kv[0][2], kv[0][3])):
+        base = by_engine.get(engines[0])
+        notes = {e: _status_note(r) for e, r in by_engine.items()}
+        for i, (metric, how) in enumerate(COMPARE_METRICS):
+            cells = []
+            for j, e in enumerate(engines):
+                r = by_engine.get(e)
+                if r is None:
+                    cells.append("")
+                    continue
+                if notes[e]:
+                    cells.append(notes[e] if i == 0 else "")
+                    continue
+                v = getattr(r.metrics, metric)
+                text = fmt(v, how)
+                b = getattr(base.metrics, metric) if base is not None and base.status == "ok" else None
+                if j > 0 and how != "bool" and v is not None and b:
+                    text += f" ({v / b:.2f}x)"
+                cells.append(text)
+            label = model if workload == "synthetic-ids" else f"{model} [{workload}]"
+            rows.append([label if i == 0 else "", hw if i == 0 else "", str(batch) if i == 0 else "", metric] + cells)
+    return render_table(header, rows)
+
+
+def _status_note(r: CellResult) -> str:
+    if r.status == "ok":
+        return "" if r.valid else ""
+    return f"{r.status}: {(r.error or '')[:60]}"
+
+
+def invalid_notes(results: list[CellResult]) -> list[str]:
+    out = []
+    for r in results:
+        if r.status == "ok" and not r.valid:
+            out.append(f"invalid  {r.config.key()}: {r.invalid_reason}")
+        elif r.status != "ok":
+            out.append(f"{r.status:8s} {r.config.key()}: {r.error}")
+    return out

@@ -1,0 +1,393 @@
+"""Cells run in their own process: a crash, an out-of-memory or a hang costs that cell only.
+
+Parent side: `run_matrix` walks the cells, skips those already finished in the run directory, starts
+`python -m harness.runner CELL.json OUT.json` for each other cell under a timeout, and writes the cell's result
+file as soon as the cell ends (the child's result, or a failure written by the parent with the reason).
+Child side: `measure_cell` loads the model and engine, warms up, then generates until both the minimum number of
+iterations and the minimum duration are reached, checks equivalence against `resident`, and stamps the cell
+valid or invalid with the reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+from engines.errors import BadInput, EngineUnavailable
+
+from .env import REPO_ROOT, environment
+from .results import RunDir, atomic_write_json, cell_filename, clean_floats, read_cell
+from .schema import CellConfig, CellResult
+
+PROGRESS_PREFIX = "@@smb "  # child -> parent progress lines on stdout; anything else there goes to the log
+BUILTIN_WORKLOADS = {"synthetic-ids": "seeded random token ids, lengths within +-25% of prompt_len"}
+
+
+# ================================================================================================================
+# Workloads: the prompts of a cell
+# ================================================================================================================
+
+
+def _workload_module():
+    try:
+        from workloads import prompts
+        return prompts
+    except ImportError:
+        return None
+
+
+def workload_names() -> list[str]:
+    names = list(BUILTIN_WORKLOADS)
+    mod = _workload_module()
+    if mod is not None and hasattr(mod, "known_workloads"):
+        names += [n for n in mod.known_workloads() if n not in names]
+    return names
+
+
+def check_workload(name: str) -> None:
+    if name in BUILTIN_WORKLOADS:
+        return
+    mod = _workload_module()
+    if mod is None:
+        raise BadInput(f"unknown workload {name!r}: only {', '.join(BUILTIN_WORKLOADS)} is built in "
+                       "(workloads/prompts.py, which provides the others, is not installed)")
+    if hasattr(mod, "check_workload"):
+        mod.check_workload(name)
+    elif hasattr(mod, "known_workloads") and name not in mod.known_workloads():
+        from workloads.models import did_you_mean
+        names = workload_names()
+        raise BadInput(f"unknown workload {name!r}{did_you_mean(name, names)}; available: {', '.join(names)}")
+
+
+def synthetic_prompts(batch_size: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """Sequence i is the same at every batch size (seeded by seed and i); id 0 is left out as the pad id."""
+    import torch
+    out = []
+    jitter = prompt_len // 4
+    for i in range(batch_size):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        n = prompt_len + int(torch.randint(-jitter, jitter + 1, (1,), generator=g)) if jitter else prompt_len
+        out.append(torch.randint(1, vocab_size, (max(1, n),), generator=g).tolist())
+    return out
+
+
+def make_prompts(cell: CellConfig, loaded) -> list[list[int]]:
+    if cell.workload == "synthetic-ids":
+        config = loaded.model.config
+        vocab = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+        return synthetic_prompts(cell.batch_size, cell.prompt_len, vocab, cell.seed)
+    mod = _workload_module()
+    if mod is None:
+        raise BadInput(f"workload {cell.workload!r} needs workloads/prompts.py, which is not installed")
+    return mod.load_workload(cell.workload, batch_size=cell.batch_size, prompt_len=cell.prompt_len,
+                             model=loaded, seed=cell.seed)
+
+
+# ================================================================================================================
+# Child side: one cell, measured in this process
+# ================================================================================================================
+
+
+def report(**fields) -> None:
+    print(PROGRESS_PREFIX + json.dumps(fields), flush=True)
+
+
+def _settings(cell: CellConfig):
+    from engines.runtime import SamplingSettings
+    return SamplingSettings(max_new_tokens=cell.max_new_tokens, temperature=cell.temperature, top_p=cell.top_p,
+                            seed=cell.seed)
+
+
+def reference_outputs(cell: CellConfig, hw, prompts, settings, cache_dir: Path | None):
+    """Tokens and teacher-forced logits of `resident` on the cell's device without an expert budget, cached in
+    the run directory so that every engine of the same (model, prompts, settings, device) shares one reference."""
+    import torch
+    from engines import registry
+    from engines.hardware import HardwareProfile
+    from harness.equivalence import reference
+    from workloads.models import load_model
+
+    ident = json.dumps(dict(model=cell.model, layers=cell.model_layers, dtype=cell.dtype, seed=cell.seed,
+                            device=hw.device, prompts=prompts, settings=asdict(settings)), sort_keys=True)
+    path = cache_dir / (hashlib.sha256(ident.encode()).hexdigest()[:24] + ".pt") if cache_dir else None
+    if path is not None and path.exists():
+        try:
+            data = torch.load(path, weights_only=True)
+            return data["tokens"], data["logits"]
+        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
+            pass
+    report(phase="reference")
+    engine = registry.create("resident")
+    try:
+        engine.load(load_model(cell.model, getattr(torch, cell.dtype), cell.model_layers, cell.seed),
+                    HardwareProfile(spec=hw.device, device=hw.device))
+        tokens, logits = reference(engine, prompts, settings)
+    finally:
+        engine.close()
+    if path is not None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"tokens": tokens, "logits": logits}, tmp)
+        os.replace(tmp, path)
+    return tokens, logits
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def measure_cell(cell: CellConfig, run_dir: Path | None = None, save_outputs: bool = False) -> CellResult:
+    """Measure one cell in this process; never raises (a failure becomes a failed or skipped CellResult)."""
+    t0 = time.perf_counter()
+    result = CellResult(config=cell, status="failed", valid=False,
+                        started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    try:
+        result.environment = environment()
+        _measure(cell, result, run_dir, save_outputs)
+    except EngineUnavailable as exc:
+        result.status, result.valid, result.error = "skipped", False, str(exc)
+        result.invalid_reason = "skipped: " + str(exc)
+    except BaseException as exc:  # noqa: BLE001 - MemoryError and friends are a cell failure too
+        result.status, result.valid = "failed", False
+        result.error = _one_line(exc)
+        result.error_detail = traceback.format_exc()
+        result.invalid_reason = "failed: " + result.error
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_outputs: bool) -> None:
+    import resource
+
+    import torch
+    from engines import registry
+    from engines.hardware import HardwareProfile
+    from harness.equivalence import check_engine
+    from workloads.models import load_model
+
+    from .metrics import compute
+
+    hw = HardwareProfile.parse(cell.hardware)
+    settings = _settings(cell)
+    engine = registry.create(cell.engine, **cell.engine_options)
+    report(phase="load")
+    loaded = load_model(cell.model, getattr(torch, cell.dtype), cell.model_layers, cell.seed)
+    prompts = make_prompts(cell, loaded)
+    ref, ref_error = None, None
+    try:
+        ref = reference_outputs(cell, hw, prompts, settings, run_dir / "reference" if run_dir else None)
+    except Exception as exc:  # noqa: BLE001 - the cell is still measured, its equivalence is absent
+        ref_error = _one_line(exc)
+
+    notes = []
+    try:
+        engine.load(loaded, hw)
+        engine.prepare(prompts, settings)
+        per_iter_tokens = cell.batch_size * cell.max_new_tokens
+        for i in range(cell.warmup):
+            engine.generate(prompts, settings)
+            report(phase="warmup", iteration=i + 1, tokens=(i + 1) * per_iter_tokens)
+        if hw.is_cuda:
+            torch.cuda.synchronize(hw.device)
+            torch.cuda.reset_peak_memory_stats(hw.device)
+        tracker, tracker_ctx = _nvml_tracker(hw, notes)
+        gens = []
+        with tracker_ctx:
+            t_begin = time.perf_counter()
+            while len(gens) < cell.min_iterations or time.perf_counter() - t_begin < cell.min_duration_s:
+                gens.append(engine.generate(prompts, settings))
+                report(phase="measure", iteration=len(gens), tokens=sum(len(t) for g in gens for t in g.tokens))
+        metrics, samples = compute(gens)
+        if tracker is not None:
+            try:
+                metrics.nvml = dict(tracker.summary(sum(len(t) for g in gens for t in g.tokens)))
+            except Exception as exc:  # noqa: BLE001
+                notes.append(f"nvml summary failed: {_one_line(exc)}")
+        if hw.is_cuda:
+            metrics.peak_device_mem_bytes = int(torch.cuda.max_memory_allocated(hw.device))
+        metrics.host_rss_bytes_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        setup = dict(engine.setup_stats() or {})
+        metrics.setup_h2d_bytes = setup.get("setup_h2d_bytes")
+        if ref is not None:
+            report(phase="equivalence")
+            eq = check_engine(engine, prompts, settings, ref[0], ref[1], tokens=gens[0].tokens)
+            metrics.equivalent, metrics.exact_match_rate = eq.equivalent, eq.exact_match_rate
+            metrics.first_divergence = eq.first_divergence
+            metrics.teacher_forced_top1, metrics.max_abs_logit_diff = eq.teacher_forced_top1, eq.max_abs_logit_diff
+        info = engine.model_info
+        result.model_info = asdict(info) if info is not None else {"name": loaded.name, "source": loaded.source}
+        result.engine_stats = setup
+        if save_outputs:
+            result.outputs = {"prompts": prompts, "tokens": [g.tokens for g in gens],
+                              "reference_tokens": ref[0] if ref is not None else None}
+    finally:
+        engine.close()
+
+    result.metrics, result.samples, result.status = metrics, samples, "ok"
+    reasons = []
+    if ref is None:
+        reasons.append(f"equivalence not checked ({ref_error})")
+    elif settings.greedy and not metrics.equivalent:
+        div = [d for d in metrics.first_divergence or [] if d is not None]
+        reasons.append(f"greedy outputs differ from resident (exact match {metrics.exact_match_rate:.2f}, "
+                       f"first divergence at token {min(div) if div else '?'})")
+    if not metrics.output_tokens:
+        reasons.append("no output tokens")
+    result.valid = not reasons
+    result.invalid_reason = "; ".join(reasons) or None
+    if notes:
+        result.engine_stats["notes"] = notes
+
+
+def _nvml_tracker(hw, notes: list):
+    """An NVML tracker around the measured region on CUDA (harness.nvml), else a no-op context."""
+    if not hw.is_cuda:
+        return None, contextlib.nullcontext()
+    try:
+        from harness.nvml import NvmlTracker
+        tracker = NvmlTracker(device_index=int(hw.device.split(":")[1]), interval_s=0.01, keep_trace=False)
+        return tracker, tracker.track()
+    except Exception as exc:  # noqa: BLE001 - absent module or NVML: the nvml metrics stay absent
+        notes.append(f"nvml not recorded: {_one_line(exc)}")
+        return None, contextlib.nullcontext()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m harness.runner CELL.json OUT.json: measure one cell, write its CellResult to OUT.json."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m harness.runner CELL.json OUT.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    run_dir = Path(spec["run_dir"]) if spec.get("run_dir") else None
+    result = measure_cell(CellConfig(**spec["config"]), run_dir, bool(spec.get("save_outputs")))
+    atomic_write_json(Path(argv[1]), clean_floats(result.to_dict()))
+    return 0
+
+
+# ================================================================================================================
+# Parent side: one process per cell, a timeout, results written as cells finish
+# ================================================================================================================
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: its own process group (so a timeout kills all it started), and SIGKILL when
+    the parent dies, so a killed run leaves no orphan that could finish a cell behind the next run's back."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _failure(cell: CellConfig, error: str, detail: str | None, wall_s: float) -> CellResult:
+    return CellResult(config=cell, status="failed", valid=False, invalid_reason="failed: " + error, error=error,
+                      error_detail=detail, wall_s=wall_s,
+                      started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - wall_s)))
+
+
+def _tail(path: Path, n: int = 40) -> str | None:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) or None
+    except OSError:
+        return None
+
+
+def run_cell(cell: CellConfig, run: RunDir, save_outputs: bool = False, on_progress=None) -> CellResult:
+    """Run one cell in a child process and write its result file (atomically) before returning it."""
+    stem = cell_filename(cell)[:-5]
+    spec_path, out_path = run.tmp_dir / f"{stem}.cell.json", run.tmp_dir / f"{stem}.result.json"
+    log_path = run.logs_dir / f"{stem}.log"
+    out_path.unlink(missing_ok=True)
+    atomic_write_json(spec_path, {"config": asdict(cell), "run_dir": str(run.path.resolve()),
+                                  "save_outputs": save_outputs})
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    t0 = time.perf_counter()
+    timed_out = False
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "harness.runner", str(spec_path), str(out_path)],
+                                stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        reader = threading.Thread(target=_read_progress, args=(proc.stdout, log, on_progress), daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=cell.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except BaseException:  # Ctrl-C in the parent: take the cell process down with us
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        reader.join(timeout=5)
+    wall = time.perf_counter() - t0
+    result = None
+    if timed_out:
+        result = _failure(cell, f"timed out after {cell.timeout_s:g} s (timeout_s); the cell process was killed",
+                          _tail(log_path), wall)
+    elif out_path.exists():
+        try:
+            result = read_cell(out_path)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            result = _failure(cell, f"the cell process wrote an unreadable result ({exc})", _tail(log_path), wall)
+    if result is None:
+        rc = proc.returncode
+        if rc < 0:
+            name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+            why = " (the kernel's out-of-memory killer sends this; see dmesg)" if -rc == signal.SIGKILL else ""
+            error = f"the cell process was killed by {name}{why}"
+        else:
+            error = f"the cell process exited with code {rc} without writing a result"
+        result = _failure(cell, error, _tail(log_path), wall)
+    run.write_cell(result)
+    spec_path.unlink(missing_ok=True)
+    out_path.unlink(missing_ok=True)
+    return result
+
+
+def _read_progress(stream, log, on_progress) -> None:
+    for line in stream:
+        if line.startswith(PROGRESS_PREFIX):
+            if on_progress is not None:
+                with contextlib.suppress(ValueError):
+                    on_progress(json.loads(line[len(PROGRESS_PREFIX):]))
+        else:
+            log.write(line)
+            log.flush()
+
+
+def run_matrix(cells: list[CellConfig], run: RunDir, progress, save_outputs: bool = False,
+               retry_failed: bool = False) -> list[CellResult]:
+    """Run every cell that has not finished in `run`; return the results of all cells, in matrix order."""
+    results = []
+    progress.start(len(cells))
+    for cell in cells:
+        done = run.finished(cell)
+        if done is not None and not (retry_failed and done.status == "failed"):
+            progress.cell_done(cell, done, resumed=True)
+            results.append(done)
+            continue
+        progress.cell_start(cell)
+        result = run_cell(cell, run, save_outputs, on_progress=progress.cell_progress)
+        progress.cell_done(cell, result)
+        results.append(result)
+    progress.finish()
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
