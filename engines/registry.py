@@ -17,6 +17,8 @@ BUILTIN: dict[str, str] = {
     "overlap": "engines.baselines:OverlapEngine",
     "caching": "engines.baselines:CachingEngine",
     "lru": "engines.baselines:LRUEngine",
+    "nospec": "engines.specmoe:NoSpecEngine",
+    "specmoe": "engines.specmoe:SpecMoEEngine",
     "accelerate": "engines.accelerate_peer:AccelerateEngine",
 }
 
