@@ -1,0 +1,39 @@
+"""Runs on a CUDA machine only (the H200 benchmark machine): engines on the GPU in bfloat16 against `resident`."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engines import registry
+from engines.hardware import HardwareProfile
+from engines.runtime import SamplingSettings
+from harness.equivalence import check_engine, reference
+from workloads.models import load_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the H200 machine)")
+
+ENGINES = [("offload", {}), ("overlap", {}), ("caching", {}), ("lru", {"capacity": "50%"}), ("nospec", {}),
+           ("specmoe", {"gamma": 4, "adaptive": False})]
+
+
+@pytest.mark.parametrize("model", ["tiny-mixtral-random", "tiny-qwen2moe-random"])
+def test_bf16_engines_agree_with_resident_on_cuda(model, capsys):
+    hw = HardwareProfile.parse("cuda")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, 128) for _ in range(rng.randrange(1, 24))] for _ in range(8)]
+    settings = SamplingSettings(max_new_tokens=16)
+    ref = registry.create("resident")
+    ref.load(load_model(model, dtype=torch.bfloat16), hw)
+    ref_tokens, ref_logits = reference(ref, prompts, settings)
+    for name, options in ENGINES:
+        engine = registry.create(name, **options)
+        engine.load(load_model(model, dtype=torch.bfloat16), hw)
+        engine.prepare(prompts, settings)
+        eq = check_engine(engine, prompts, settings, ref_tokens, ref_logits)
+        with capsys.disabled():
+            print(f"\n{model} {name}: exact={eq.exact_match_rate:.3f} top1={eq.teacher_forced_top1:.4f} "
+                  f"max|dlogit|={eq.max_abs_logit_diff:.3g} first_divergence={eq.first_divergence}")
+        assert eq.teacher_forced_top1 >= 0.99
+        engine.close()
