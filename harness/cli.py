@@ -175,8 +175,26 @@ def parse_options(values: tuple[str, ...], engines: list[str]) -> dict[str, dict
             raise BadInput(f"--option {v!r}: write ENGINE.OPTION=VALUE, e.g. lru.capacity=50%")
         if engine not in engines:
             raise BadInput(f"--option {v!r}: engine {engine!r} is not among --engines {','.join(engines)}")
-        out.setdefault(engine, {})[name] = value
+        out.setdefault(engine, {})[name] = _coerce_option(engine, name, value)
     return out
+
+
+def _coerce_option(engine: str, name: str, value: str):
+    """A command-line option value takes the type of the option's default (int, float, bool), else stays text;
+    the engine validates it."""
+    from engines import registry
+    fields = {f.name: f for f in dataclasses.fields(registry.engine_class(engine).Options)}
+    kind = type(fields[name].default) if name in fields else str
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError
+            return value.lower() in ("true", "1", "yes", "on")
+        if kind in (int, float):
+            return kind(value)
+    except ValueError:
+        raise BadInput(f"--option {engine}.{name}={value}: expected {'true or false' if kind is bool else kind.__name__}")
+    return value
 
 
 @cli.command()
@@ -364,8 +382,10 @@ def export(run_ref, csv_path, parquet_path, results_dir):
 
 def _add_optional_commands() -> None:
     """Commands that live with their own modules; a module that is absent or broken costs only its command."""
-    for module, attr, name in (("workloads.cli", "model_group", "model"), ("harness.calibrate", "calibrate_command",
-                                                                            "calibrate")):
+    for module, attr, name in (("workloads.cli", "model_group", "model"),
+                               ("harness.calibrate", "calibrate_command", "calibrate"),
+                               ("harness.regress", "regress_command", "regress"),
+                               ("harness.report", "report_command", "report")):
         try:
             mod = __import__(module, fromlist=[attr])
             cli.add_command(getattr(mod, attr), name)

@@ -58,6 +58,7 @@ def environment() -> dict:
         from harness import nvml
         extra = nvml.environment()
         env.update({k: v for k, v in extra.items() if v is not None or k not in env})
+        env["driver"] = env.get("driver") or extra.get("driver_version")
     except Exception:  # noqa: BLE001 - absent module or no NVIDIA driver: those fields stay None
         pass
     return env

@@ -1,0 +1,106 @@
+"""The matrix file: expansion into cells, include/exclude, options, and one clear error per kind of bad input."""
+from pathlib import Path
+
+import pytest
+
+from engines.errors import BadInput
+from harness import matrix
+
+GOOD = """
+[matrix]
+engines = ["resident", "offload", "lru"]
+models = ["tiny-mixtral-random", "tiny-qwen2moe-random"]
+batch_sizes = [1, 4]
+hardware = ["cpu"]
+
+[settings]
+max_new_tokens = 8
+min_duration_s = 1
+warmup = 0
+
+[engines.lru]
+capacity = "50%"
+
+[models.tiny-qwen2moe-random]
+prompt_len = 12
+
+[[exclude]]
+engine = "resident"
+batch_size = 4
+
+[[include]]
+engine = "offload"
+model = "tiny-mixtral-random"
+batch_size = [16, 32]
+hardware = "cpu"
+"""
+
+
+def test_expands_product_with_rules_and_options():
+    m = matrix.parse(GOOD, "m.toml")
+    keys = [(c.engine, c.model, c.batch_size) for c in m.cells]
+    assert len(keys) == 3 * 2 * 2 - 2 + 2  # product, minus resident at batch 4 (two models), plus two includes
+    assert ("resident", "tiny-mixtral-random", 4) not in keys
+    assert ("offload", "tiny-mixtral-random", 32) in keys
+    assert len(set(c.key() for c in m.cells)) == len(m.cells)
+    lru = [c for c in m.cells if c.engine == "lru"]
+    assert all(c.engine_options == {"capacity": "50%"} for c in lru)
+    assert all(c.max_new_tokens == 8 and c.warmup == 0 and c.min_duration_s == 1.0 for c in m.cells)
+    assert {c.prompt_len for c in m.cells if c.model == "tiny-qwen2moe-random"} == {12}
+    assert {c.prompt_len for c in m.cells if c.model == "tiny-mixtral-random"} == {32}
+    assert all(c.workload == "synthetic-ids" for c in m.cells)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[matrix\nengines = 1", "m.toml: TOML syntax error"),
+    (GOOD.replace("max_new_tokens = 8", "max_new_tokens = 8\nmax_new_token = 3"),
+     "m.toml: [settings]: unknown key 'max_new_token'"),
+    (GOOD.replace("max_new_tokens = 8", 'max_new_tokens = "8"'),
+     "m.toml: [settings]: max_new_tokens must be an integer, got a string '8'"),
+    (GOOD.replace('hardware = ["cpu"]', "hardware = []"), "m.toml: [matrix]: hardware is empty"),
+    (GOOD.replace("batch_sizes = [1, 4]", "batch_sizes = [0, 4]"), "m.toml: [matrix]: batch size 0 must be at least 1"),
+    (GOOD.replace("batch_sizes = [1, 4]", 'batch_sizes = [1, "x"]'),
+     "m.toml: [matrix]: batch_sizes must hold whole numbers, got a string 'x'"),
+    (GOOD.replace("[matrix]", "[matrix]\nengine = ['x']"), "m.toml: [matrix] unknown key 'engine'"),
+    (GOOD.replace('"lru"]', '"lruu"]').replace("[engines.lru]", "[engines.lruu]"),
+     "m.toml: unknown engine 'lruu' (did you mean 'lru'?)"),
+    (GOOD.replace('capacity = "50%"', 'capacit = "50%"'), "m.toml: engine 'lru' has no option 'capacit'"),
+    (GOOD.replace('models = ["tiny-mixtral-random", ', 'models = ["tiny-mixtral-randon", '),
+     "m.toml: unknown model 'tiny-mixtral-randon' (did you mean 'tiny-mixtral-random'?)"),
+    (GOOD.replace('hardware = ["cpu"]', 'hardware = ["tpu"]').replace('hardware = "cpu"', 'hardware = "tpu"'),
+     "m.toml: unknown hardware 'tpu'"),
+    (GOOD.replace("[[exclude]]\nengine", "[[exclude]]\nengines"), "m.toml: [[exclude]] #1: unknown key 'engines'"),
+    (GOOD.replace('hardware = "cpu"\n', ""), "m.toml: [[include]] #1: an include names a whole cell; missing hardware"),
+    ("[settings]\nseed = 1\n", "m.toml: missing [matrix] table"),
+])
+def test_bad_matrix_names_file_and_key(text, expected):
+    with pytest.raises(BadInput) as err:
+        matrix.parse(text, "m.toml")
+    assert str(err.value).startswith(expected), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_cuda_hardware_on_a_machine_without_cuda_is_bad_input_unless_dry_run():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    text = GOOD.replace('hardware = ["cpu"]', 'hardware = ["cuda:budget=24GiB"]').replace('hardware = "cpu"',
+                                                                                        'hardware = "cuda"')
+    with pytest.raises(BadInput, match="needs CUDA"):
+        matrix.parse(text, "m.toml")
+    assert len(matrix.parse(text, "m.toml", check_hardware=False).cells) == 12
+
+
+@pytest.mark.parametrize("name", ["cpu.toml", "gpu.toml"])
+def test_shipped_matrices_parse(name):
+    from workloads.models import known_models
+    if name == "gpu.toml" and not {"small", "mixtral-8x7b"} <= set(known_models()):
+        pytest.skip("workloads/models.py does not know the 'small' and 'mixtral-8x7b' models yet")
+    m = matrix.load(matrix.MATRICES_DIR / name, check_hardware=name == "cpu.toml")
+    assert m.cells
+    assert {c.engine for c in m.cells} >= {"resident", "offload"}
+
+
+def test_missing_file_is_one_line(tmp_path: Path):
+    with pytest.raises(BadInput, match=r"nope.toml: no such matrix file"):
+        matrix.load(tmp_path / "nope.toml")

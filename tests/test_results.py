@@ -1,0 +1,113 @@
+"""Metrics from Generations, the result files and the tidy table (no model, no subprocess: fast)."""
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from engines.errors import BadInput
+from engines.runtime import Generation
+from harness import metrics
+from harness.results import RunDir, atomic_write_json, comparison_table, export, load_table
+from harness.schema import SCHEMA_VERSION, CellConfig, CellResult, Metrics
+
+
+def plain_gen(t0=10.0) -> Generation:
+    # batch 2, 4 tokens each: prefill 0.1 s, then 3 decode steps of 0.02, 0.02, 0.04 s
+    return Generation(tokens=[[1, 2, 3, 4], [5, 6, 7, 8]], prompt_lens=[10, 6], t_start=t0, t_first=t0 + 0.1,
+                      step_times=[t0 + 0.12, t0 + 0.14, t0 + 0.18], step_tokens=[2, 2, 2], t_end=t0 + 0.2,
+                      stats=dict(h2d_bytes=800, h2d_copies=8, hits=2, misses=6, seq_steps=6))
+
+
+def test_metrics_of_plain_decoding():
+    m, samples = metrics.compute([plain_gen(), plain_gen(20.0)])
+    assert m.iterations == 2 and m.output_tokens == 8
+    assert m.tokens_per_s == pytest.approx(8 / 0.2)
+    assert m.decode_tokens_per_s == pytest.approx(6 / 0.08)
+    assert m.prefill_tokens_per_s == pytest.approx(16 / 0.1)
+    assert m.ttft_ms == pytest.approx(100.0)
+    assert m.tpot_ms_p50 == pytest.approx(20.0)
+    assert m.tpot_ms_p99 == pytest.approx(40.0, rel=0.05)
+    assert m.h2d_bytes == 800 and m.h2d_bytes_per_token == pytest.approx(100.0)
+    assert m.expert_hit_rate == pytest.approx(0.25)
+    assert m.tokens_per_step == pytest.approx(1.0)
+    # not measured by a plain engine: absent, never 0
+    assert m.acceptance_rate is None and m.drafted_tokens is None and m.draft_time_ms is None
+    assert m.peak_device_mem_bytes is None
+    assert samples["tokens_per_s"] == pytest.approx([40.0, 40.0])
+
+
+def test_metrics_of_speculative_decoding():
+    # batch 2, 8 tokens each; 2 decode steps in which each sequence gains 3 or 4 tokens (bonus included)
+    g = Generation(tokens=[list(range(8)), list(range(8))], prompt_lens=[4, 4], t_start=0.0, t_first=0.1,
+                   step_times=[0.2, 0.3], step_tokens=[6, 8], t_end=0.3,
+                   stats=dict(h2d_bytes=1600, h2d_copies=16, hits=0, misses=16, seq_steps=4, drafted_tokens=16,
+                              accepted_tokens=10, draft_time_s=0.05, verify_time_s=0.15, draft_h2d_bytes=0,
+                              verify_h2d_bytes=1600))
+    m, _ = metrics.compute([g])
+    assert m.tokens_per_step == pytest.approx(14 / 4)
+    assert m.acceptance_rate == pytest.approx(10 / 16)
+    assert m.tpot_ms_p50 == pytest.approx((100 / 3 + 100 / 4) / 2)  # 0.1 s step / 3 tokens, then / 4 tokens
+    assert m.draft_time_ms == pytest.approx(50.0) and m.verify_h2d_bytes == 1600
+
+
+def test_engine_without_counters_leaves_traffic_absent():
+    g = plain_gen()
+    g.stats = {}
+    m, samples = metrics.compute([g])
+    assert m.h2d_bytes is None and m.h2d_bytes_per_token is None and m.expert_hit_rate is None
+    assert m.tokens_per_step is None and "h2d_bytes_per_token" not in samples
+    assert m.tokens_per_s is not None
+
+
+def result(engine, batch, tps, status="ok", h2d=100.0) -> CellResult:
+    cfg = CellConfig(engine=engine, model="tiny-mixtral-random", batch_size=batch, hardware="cpu")
+    return CellResult(config=cfg, status=status, valid=status == "ok", error=None if status == "ok" else "boom",
+                      metrics=Metrics(tokens_per_s=tps, h2d_bytes_per_token=h2d, equivalent=True)
+                      if status == "ok" else Metrics())
+
+
+def test_run_dir_roundtrip_tidy_table_and_export(tmp_path):
+    run = RunDir.create(tmp_path / "runs", "r1")
+    for r in (result("offload", 1, 10.0), result("lru", 1, 25.0), result("lru", 4, None, status="failed")):
+        run.write_cell(r)
+    assert not list(run.cells_dir.glob(".*"))  # no temporary file left behind
+    stored = json.loads(run.cell_path(result("lru", 1, 0).config).read_text())
+    assert stored["schema_version"] == SCHEMA_VERSION and stored["config"]["engine"] == "lru"
+    assert stored["metrics"]["ttft_ms"] is None  # absent stays null
+    assert run.finished(result("lru", 4, None).config).status == "failed"
+    assert run.finished(result("offload", 8, None).config) is None
+
+    df = load_table(RunDir.open("r1", tmp_path / "runs"))
+    assert len(df) == 3 and {"engine", "batch_size", "tokens_per_s", "h2d_bytes_per_token", "status"} <= set(df)
+    failed = df[df.status == "failed"].iloc[0]
+    assert math.isnan(failed.tokens_per_s) or failed.tokens_per_s is None  # absent, not 0
+
+    csv, parquet = tmp_path / "t.csv", tmp_path / "t.parquet"
+    export(run, csv, parquet)
+    for back in (pd.read_csv(csv), pd.read_parquet(parquet)):
+        assert sorted(back.engine) == ["lru", "lru", "offload"]
+        assert back.loc[(back.engine == "lru") & (back.batch_size == 1), "tokens_per_s"].item() == 25.0
+
+
+def test_comparison_table_has_ratio_to_first_engine():
+    text = comparison_table([result("offload", 1, 10.0), result("lru", 1, 25.0, h2d=50.0)], ["offload", "lru"])
+    line = next(ln for ln in text.splitlines() if "tokens_per_s" in ln and "decode" not in ln)
+    assert "10.0" in line and "25.0 (2.50x)" in line
+    assert "(0.50x)" in next(ln for ln in text.splitlines() if "h2d_bytes_per_token" in ln)
+
+
+def test_unwritable_results_dir_is_bad_input(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(BadInput, match="cannot be written"):
+        RunDir.create(blocker / "runs", "r1")
+    with pytest.raises(BadInput, match="not a run id or run directory"):
+        RunDir.open("nope", tmp_path)
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    p = tmp_path / "x.json"
+    atomic_write_json(p, {"a": 1})
+    atomic_write_json(p, {"a": 2})
+    assert json.loads(p.read_text()) == {"a": 2} and [f.name for f in tmp_path.iterdir()] == ["x.json"]
