@@ -43,8 +43,8 @@ assert set(DIRECTION) == set(METRIC_FIELDS) - {"iterations", "first_divergence"}
 ALPHA = 0.05  # significance level of the two-sided Mann-Whitney U test
 MIN_SAMPLES = 4  # per side: with 3 vs 3 samples the smallest two-sided p-value is 0.1, so 0.05 is unreachable
 # Environment keys that differ between any two runs and say nothing about comparability.
-ENV_IGNORED = {"hostname", "git_commit", "git_dirty", "git_describe", "started_at", "finished_at", "pid",
-               "command", "argv", "timestamp", "run_id"}
+ENV_IGNORED = {"host", "hostname", "executable", "git_commit", "git_dirty", "git_describe", "started_at",
+               "finished_at", "pid", "command", "argv", "timestamp", "run_id"}
 
 # -- loading -------------------------------------------------------------------------------------------------
 

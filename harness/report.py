@@ -1,0 +1,466 @@
+"""`specmoe-bench report RUN`: the comparison tables and figures of one run, as Markdown with PNG files and as one
+self-contained HTML page. The report is a list of blocks rendered twice, so the two formats never disagree.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from engines.errors import BadInput
+from harness.regress import load_run, load_run_meta, resolve_run
+from harness.schema import CellResult
+
+REFERENCE_ENGINE = "offload"  # speedups are over naive offload, as in the paper (MoE-OnDemand)
+ENGINE_ORDER = ["resident", "offload", "overlap", "caching", "lru", "nospec", "specmoe", "accelerate"]
+NO_NVML = "no NVML samples in this run (no NVIDIA GPU or NVML unavailable), so nothing is drawn"
+
+
+@dataclass
+class Block:
+    kind: str  # "h1" | "h2" | "h3" | "p" | "note" | "table" | "figure"
+    text: str = ""  # heading, paragraph, or figure caption
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    path: Path | None = None  # figure PNG
+
+
+# -- the cells of a run, grouped into panels (model x hardware) and series (engine with options) ---------------
+
+
+def series_of(r: CellResult) -> str:
+    """The engine with its options, spelled as in the cell key: lru[capacity=3]."""
+    opts = ",".join(f"{k}={v}" for k, v in sorted(r.config.engine_options.items()))
+    return r.config.engine + (f"[{opts}]" if opts else "")
+
+
+def _varying(cells: list[CellResult]) -> list[str]:
+    """Config fields besides engine, batch, model and hardware that differ across the run (they split panels)."""
+    names = ["workload", "dtype", "model_layers", "prompt_len", "max_new_tokens", "temperature", "seed"]
+    return [n for n in names if len({getattr(c.config, n) for c in cells}) > 1]
+
+
+def panel_of(r: CellResult, varying: list[str]) -> str:
+    extra = ", ".join(f"{n}={getattr(r.config, n)}" for n in varying)
+    return f"{r.config.model} on {r.config.hardware}" + (f" ({extra})" if extra else "")
+
+
+def _engine_rank(series: str) -> tuple[int, str]:
+    base = series.split("[")[0]
+    return (ENGINE_ORDER.index(base) if base in ENGINE_ORDER else len(ENGINE_ORDER), series)
+
+
+Points = dict[str, dict[str, list[tuple[int, float, float | None]]]]  # panel -> series -> [(batch, value, err)]
+
+
+def collect(cells: list[CellResult], value: Callable[[CellResult], float | None],
+            err: Callable[[CellResult], float | None] = lambda r: None) -> Points:
+    varying = _varying(cells)
+    out: Points = {}
+    for r in cells:
+        v = value(r)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        out.setdefault(panel_of(r, varying), {}).setdefault(series_of(r), []).append(
+            (r.config.batch_size, float(v), err(r)))
+    for series in out.values():
+        for pts in series.values():
+            pts.sort()
+    return out
+
+
+def sample_sd(r: CellResult, metric: str) -> float | None:
+    xs = r.samples.get(metric) or []
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def speedups(cells: list[CellResult]) -> Points:
+    """tokens/s of each series over the reference engine's at the same panel and batch size."""
+    tps = collect(cells, lambda r: r.metrics.tokens_per_s)
+    out: Points = {}
+    for panel, series in tps.items():
+        ref = {b: v for b, v, _ in series.get(REFERENCE_ENGINE, [])}
+        for name, pts in series.items():
+            if name == REFERENCE_ENGINE:
+                continue
+            sp = [(b, v / ref[b], None) for b, v, _ in pts if ref.get(b)]
+            if sp:
+                out.setdefault(panel, {})[name] = sp
+    return out
+
+
+def nvml_value(r: CellResult, key: str) -> float | None:
+    v = (r.metrics.nvml or {}).get(key)
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def nvml_timeline(r: CellResult) -> dict[str, list[float]] | None:
+    """Readings over time kept in the cell's NVML summary: {"t_s": [...], "<metric>_bytes_per_s": [...], ...}."""
+    tl = (r.metrics.nvml or {}).get("timeline")
+    if not isinstance(tl, dict) or not tl.get("t_s"):
+        return None
+    return tl
+
+
+# -- figures ---------------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+MARKERS = "os^DvPX*<>"
+
+
+def _colors(names) -> dict[str, tuple]:
+    """Series -> (colour, marker), fixed for the whole run; distinct markers keep coinciding lines visible."""
+    import matplotlib
+    cmap = matplotlib.colormaps["tab10"]
+    ordered = sorted(set(names), key=_engine_rank)
+    return {n: (cmap(i % 10), MARKERS[i % len(MARKERS)]) for i, n in enumerate(ordered)}
+
+
+def byte_unit(max_value: float) -> tuple[str, float]:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if max_value >= size:
+            return unit, size
+    return "B", 1
+
+
+def panel_figure(path: Path, rows: list[tuple[Points, str]], title: str, colors: dict[str, tuple],
+                 hline: float | None = None) -> bool:
+    """One column per panel, one row per metric; x is batch size on a log2 axis. False when nothing to draw.
+    `colors` maps every series of the run to one colour, so an engine looks the same in every figure."""
+    panels = sorted({p for pts, _ in rows for p in pts})
+    if not panels:
+        return False
+    plt = _plt()
+    ncols = len(panels)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(5.2 * ncols, 3.9 * len(rows)), squeeze=False)
+    for i, (pts, ylabel) in enumerate(rows):
+        for j, panel in enumerate(panels):
+            ax = axes[i][j]
+            series = pts.get(panel, {})
+            if not series:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"{panel}:\nnot measured", ha="center", va="center", transform=ax.transAxes)
+                continue
+            batches = sorted({b for s in series.values() for b, _, _ in s})
+            for name in sorted(series, key=_engine_rank):
+                xs, ys, es = zip(*series[name])
+                yerr = [e or 0.0 for e in es] if any(e for e in es) else None
+                color, marker = colors[name]
+                ax.errorbar(xs, ys, yerr=yerr, marker=marker, ms=5, capsize=3, label=name, color=color, alpha=0.9)
+            if hline is not None:
+                ax.axhline(hline, color="grey", ls="--", lw=1, label=f"{REFERENCE_ENGINE} (1.0x)")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(batches)
+            ax.set_xticklabels([str(b) for b in batches])
+            ax.minorticks_off()
+            ax.set_xlabel("batch size (sequences)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(panel, fontsize=10)
+            ax.grid(True, alpha=0.3)
+            ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1] * 1.05, 1e-9))  # every metric drawn is >= 0
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def scale_points(pts: Points, factor: float) -> Points:
+    return {p: {s: [(b, v / factor, None if e is None else e / factor) for b, v, e in xs] for s, xs in ser.items()}
+            for p, ser in pts.items()}
+
+
+def timeline_figure(path: Path, r: CellResult, tl: dict[str, list[float]]) -> bool:
+    t = tl["t_s"]
+    rates = {k: v for k, v in tl.items() if k.endswith("_bytes_per_s") and v and len(v) == len(t)}
+    pcts = {k: v for k, v in tl.items() if k.endswith("_pct") and v and len(v) == len(t)}
+    if not rates and not pcts:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1 + bool(pcts) if rates else 1, 1, figsize=(9, 3.4 * (1 + bool(pcts and rates))),
+                             squeeze=False)
+    ax_i = 0
+    if rates:
+        ax = axes[ax_i][0]
+        ax_i += 1
+        for k, v in sorted(rates.items()):
+            ax.plot(t, [None if x is None else x / 1e9 for x in v], label=k.replace("_bytes_per_s", ""))
+        ax.set_ylabel("bandwidth (GB/s)")
+        ax.set_xlabel("time since the cell's first measured iteration (s)")
+        ax.legend(fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(bottom=0)
+    if pcts:
+        ax = axes[ax_i][0]
+        for k, v in sorted(pcts.items()):
+            ax.plot(t, v, label=k.replace("_pct", ""))
+        ax.set_ylabel("utilisation (%)")
+        ax.set_xlabel("time since the cell's first measured iteration (s)")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"NVML readings over time: {r.config.key()}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -- tables ----------------------------------------------------------------------------------------------------
+
+
+def fmt(v: float | None, how: str = "g") -> str:
+    if v is None:
+        return "-"
+    if how == "x":
+        return f"{v:.2f}x"
+    if how == "pct":
+        return f"{v:.1%}"
+    if how == "bytes":
+        unit, size = byte_unit(abs(v))
+        return f"{v / size:.2f} {unit}" if size > 1 else f"{v:.0f} B"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
+def pivot(pts: Points, panel: str, how: str) -> tuple[list[str], list[list[str]]] | None:
+    series = pts.get(panel)
+    if not series:
+        return None
+    names = sorted(series, key=_engine_rank)
+    batches = sorted({b for s in series.values() for b, _, _ in s})
+    table = {(n, b): v for n in names for b, v, _ in series[n]}
+    return ["batch"] + names, [[str(b)] + [fmt(table.get((n, b)), how) for n in names] for b in batches]
+
+
+# -- the report ------------------------------------------------------------------------------------------------
+
+
+def build_report(run: Path, cells: list[CellResult], meta: dict, out: Path, nvml_cell: str | None = None) -> list[Block]:
+    ok = [r for r in cells if r.status == "ok"]
+    run_id = meta.get("run_id") or run.name
+    blocks = [Block("h1", f"specmoe-bench report: {run_id}")]
+    counts = {s: sum(r.status == s for r in cells) for s in ("ok", "failed", "skipped")}
+    invalid = [r for r in ok if not r.valid]
+    blocks.append(Block("p", f"{len(cells)} cells: {counts['ok']} ok ({len(invalid)} of them flagged invalid), "
+                             f"{counts['failed']} failed, {counts['skipped']} skipped. Engines: "
+                             f"{', '.join(sorted({series_of(r) for r in cells}, key=_engine_rank))}. "
+                             f"Speedups are over `{REFERENCE_ENGINE}` at the same model, hardware and batch size."))
+    env = next((r.environment for r in cells if r.environment), None) or meta.get("environment") or {}
+    if env:
+        keys = ["git_commit", "torch", "transformers", "gpu_name", "driver", "cpu_count", "platform"]
+        blocks.append(Block("p", "Environment: " + "; ".join(f"{k} {env[k]}" for k in keys if env.get(k) is not None)))
+    if any(r.config.hardware == "cpu" for r in ok):
+        blocks.append(Block("note", "hardware `cpu` is functional: bytes, hit rates, tokens per step and acceptance "
+                                    "are real; times are CPU times, not GPU times."))
+    if not ok:
+        blocks.append(Block("note", "no cell finished ok: nothing to tabulate or draw"))
+        return blocks + _problem_blocks(cells)
+
+    tps = collect(ok, lambda r: r.metrics.tokens_per_s, lambda r: sample_sd(r, "tokens_per_s"))
+    sp = speedups(ok)
+    bpt = collect(ok, lambda r: r.metrics.h2d_bytes_per_token)
+    hit = collect(ok, lambda r: r.metrics.expert_hit_rate)
+    spec_cells = [r for r in ok if r.metrics.acceptance_rate is not None or r.metrics.drafted_tokens]
+    tpstep = collect(spec_cells, lambda r: r.metrics.tokens_per_step)
+    acc = collect(spec_cells, lambda r: r.metrics.acceptance_rate)
+    ttft = collect(ok, lambda r: r.metrics.ttft_ms)
+    tpot = collect(ok, lambda r: r.metrics.tpot_ms_p50)
+    match = collect(ok, lambda r: r.metrics.exact_match_rate)
+    energy = collect(ok, lambda r: nvml_value(r, "joules_per_token"))
+
+    # figures
+    colors = _colors(series_of(r) for r in ok)
+    blocks.append(Block("h2", "Figures"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    def figure(name: str, caption: str, drawn: bool, absent: str) -> None:
+        blocks.append(Block("figure", caption, path=out / name) if drawn else Block("note", absent))
+
+    figure("throughput.png", "Output tokens/s (end to end, prefill included) vs batch size; bars: sd over iterations",
+           panel_figure(out / "throughput.png", [(tps, "output tokens/s")], "Throughput", colors),
+           "no tokens/s measured in this run")
+    figure("speedup.png", f"Speedup in tokens/s over `{REFERENCE_ENGINE}`",
+           panel_figure(out / "speedup.png", [(sp, f"speedup over {REFERENCE_ENGINE} (x)")],
+                        f"Speedup over {REFERENCE_ENGINE}", colors, hline=1.0),
+           f"no `{REFERENCE_ENGINE}` cells to compare against: speedup not drawn")
+    vmax = max((v for ser in bpt.values() for pts in ser.values() for _, v, _ in pts), default=0)
+    unit, size = byte_unit(vmax)
+    figure("h2d_bytes_per_token.png", "Host-to-device expert bytes per output token (counted by the engine)",
+           panel_figure(out / "h2d_bytes_per_token.png", [(scale_points(bpt, size), f"H2D {unit} per output token")],
+                        "Host-to-device traffic per token", colors),
+           "no host-to-device byte counts in this run")
+    figure("speculation.png", "Tokens per step per sequence (bonus token included) and draft acceptance rate",
+           panel_figure(out / "speculation.png", [(tpstep, "tokens per step per sequence"),
+                                                  (scale_points(acc, 0.01), "acceptance rate (%)")],
+                        "Speculation", colors),
+           "no speculative engine in this run (no drafted tokens): tokens per step and acceptance not drawn")
+    figure("energy_per_token.png", "Energy per output token (NVML energy counter)",
+           panel_figure(out / "energy_per_token.png", [(energy, "energy per output token (J)")], "Energy per token", colors),
+           "no NVML energy readings in this run (no NVIDIA GPU or NVML unavailable): energy per token not drawn")
+    blocks += _timeline_blocks(ok, out, nvml_cell)
+
+    # tables, one group per panel
+    blocks.append(Block("h2", "Tables"))
+    for panel in sorted(tps.keys() | bpt.keys()):
+        blocks.append(Block("h3", panel))
+        for title, pts, how in [("Output tokens/s", tps, "g"), (f"Speedup over {REFERENCE_ENGINE}", sp, "x"),
+                                ("Host-to-device bytes per output token", bpt, "bytes"),
+                                ("Expert hit rate", hit, "pct"), ("Tokens per step per sequence", tpstep, "g"),
+                                ("Acceptance rate", acc, "pct"), ("TTFT (ms)", ttft, "g"),
+                                ("TPOT p50 (ms)", tpot, "g"), ("Exact match with `resident`", match, "pct"),
+                                ("Energy per output token (J)", energy, "g")]:
+            t = pivot(pts, panel, how)
+            if t:
+                blocks.append(Block("table", title, header=t[0], rows=t[1]))
+    return blocks + _problem_blocks(cells)
+
+
+def _timeline_blocks(ok: list[CellResult], out: Path, nvml_cell: str | None) -> list[Block]:
+    with_tl = [r for r in ok if nvml_timeline(r)]
+    if nvml_cell is not None:
+        chosen = [r for r in ok if r.config.key() == nvml_cell]
+        if not chosen:
+            raise BadInput(f"--nvml-cell {nvml_cell!r}: no ok cell with that key in this run "
+                           f"(keys look like {ok[0].config.key()})")
+        if not nvml_timeline(chosen[0]):
+            return [Block("note", f"{NO_NVML} for cell {nvml_cell}")]
+        cell = chosen[0]
+    elif with_tl:
+        # default: the largest batch of the full system, else of any engine
+        cell = max(with_tl, key=lambda r: (r.config.engine == "specmoe", r.config.batch_size))
+    else:
+        return [Block("note", f"NVML bandwidth over time: {NO_NVML}")]
+    drawn = timeline_figure(out / "nvml_timeline.png", cell, nvml_timeline(cell))
+    if not drawn:
+        return [Block("note", f"NVML bandwidth over time: no bandwidth series recorded for {cell.config.key()}")]
+    return [Block("figure", f"NVML bandwidth over time for {cell.config.key()}", path=out / "nvml_timeline.png")]
+
+
+def _problem_blocks(cells: list[CellResult]) -> list[Block]:
+    blocks = []
+    bad = [r for r in cells if r.status != "ok"]
+    if bad:
+        blocks += [Block("h2", "Failed and skipped cells"),
+                   Block("table", "", header=["cell", "status", "reason"],
+                         rows=[[r.config.key(), r.status, (r.error or "").splitlines()[0] if r.error else "-"]
+                               for r in bad])]
+    invalid = [r for r in cells if r.status == "ok" and not r.valid]
+    if invalid:
+        blocks += [Block("h2", "Cells flagged invalid"),
+                   Block("table", "", header=["cell", "reason"],
+                         rows=[[r.config.key(), r.invalid_reason or "-"] for r in invalid])]
+    return blocks
+
+
+# -- renderers -------------------------------------------------------------------------------------------------
+
+
+def render_markdown(blocks: list[Block], out: Path) -> str:
+    lines: list[str] = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            lines += ["#" * int(b.kind[1]) + " " + b.text, ""]
+        elif b.kind == "p":
+            lines += [b.text, ""]
+        elif b.kind == "note":
+            lines += [f"> {b.text}", ""]
+        elif b.kind == "figure":
+            lines += [f"![{b.text}]({b.path.relative_to(out).as_posix()})", "", f"*{b.text}*", ""]
+        elif b.kind == "table":
+            if b.text:
+                lines += [f"**{b.text}**", ""]
+            right = [i > 0 and all(_numeric(r[i]) for r in b.rows) for i in range(len(b.header))]
+            lines.append("| " + " | ".join(b.header) + " |")
+            lines.append("| " + " | ".join("---:" if r else "---" for r in right) + " |")
+            lines += ["| " + " | ".join(row) + " |" for row in b.rows]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _numeric(text: str) -> bool:
+    return text == "-" or text[:1].isdigit() or text[:1] == "-" and text[1:2].isdigit()
+
+
+def _inline_md(text: str) -> str:
+    """Escape, then turn `code` spans into <code>."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def render_html(blocks: list[Block]) -> str:
+    title = next((b.text for b in blocks if b.kind == "h1"), "specmoe-bench report")
+    body: list[str] = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            body.append(f"<{b.kind}>{_inline_md(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            body.append(f"<p>{_inline_md(b.text)}</p>")
+        elif b.kind == "note":
+            body.append(f'<p class="note">{_inline_md(b.text)}</p>')
+        elif b.kind == "figure":
+            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+            body.append(f'<figure><img alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{_inline_md(b.text)}</figcaption></figure>")
+        elif b.kind == "table":
+            right = [i > 0 and all(_numeric(r[i]) for r in b.rows) for i in range(len(b.header))]
+            head = "".join(f"<th>{_inline_md(h)}</th>" for h in b.header)
+            rows = "".join("<tr>" + "".join(f'<td{" class=num" if right[i] else ""}>{_inline_md(c)}</td>'
+                                            for i, c in enumerate(r)) + "</tr>" for r in b.rows)
+            caption = f"<caption>{_inline_md(b.text)}</caption>" if b.text else ""
+            body.append(f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:0.5em 1em 1.5em 0;display:inline-table;vertical-align:top}"
+             "caption{font-weight:bold;text-align:left;padding:0.2em 0}"
+             "td,th{border:1px solid #ccc;padding:0.2em 0.6em}td.num{text-align:right}th{background:#f3f3f3}"
+             ".note{border-left:4px solid #e0a800;padding-left:0.6em;color:#555}"
+             "img{max-width:100%}figcaption{color:#555;font-size:0.9em}code{background:#f3f3f3}")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(run: str | Path, out: str | Path | None = None, nvml_cell: str | None = None) -> list[Path]:
+    """Write report.md, report.html and the PNG figures; returns the paths written."""
+    run_dir = resolve_run(run)
+    cells = load_run(run_dir)
+    out_dir = Path(out) if out else run_dir / "report"
+    blocks = build_report(run_dir, cells, load_run_meta(run_dir), out_dir, nvml_cell)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, page = out_dir / "report.md", out_dir / "report.html"
+    md.write_text(render_markdown(blocks, out_dir))
+    page.write_text(render_html(blocks))
+    return [md, page] + [b.path for b in blocks if b.kind == "figure"]
+
+
+@click.command("report", help="Write a Markdown report, a self-contained HTML page and PNG figures for one run.")
+@click.argument("run", metavar="RUN")
+@click.option("--out", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Directory for report.md, report.html and the PNGs. Default: RUN/report.")
+@click.option("--nvml-cell", default=None, metavar="CELL_KEY",
+              help="Cell whose NVML readings over time are drawn. Default: the largest-batch specmoe cell that "
+                   "has them, else any cell that has them.")
+def report_command(run, out, nvml_cell):
+    try:
+        paths = write_report(run, out, nvml_cell)
+    except BadInput as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {paths[0]} and {paths[1]} with {len(paths) - 2} figure(s) in {paths[0].parent}")
+
+
+if __name__ == "__main__":
+    report_command()

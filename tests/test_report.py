@@ -1,0 +1,112 @@
+"""`specmoe-bench report`: files written, every engine tabulated and drawn, absent NVML said in words, bad input."""
+import re
+
+import pytest
+from click.testing import CliRunner
+from test_regress import make_cell, matrix, write_run
+
+from harness.report import build_report, report_command, speedups
+
+
+def gpu_cells():
+    """A run on a GPU with NVML energy and a bandwidth timeline, and one speculative engine."""
+    cells = matrix(seed=1, hardware="cuda")
+    for c in cells:
+        c.metrics.nvml = {"joules_per_token": 0.5 / c.config.batch_size, "pcie_rx_bytes_per_s_mean": 2e10}
+        if c.config.engine == "specmoe":
+            c.metrics.tokens_per_step, c.metrics.acceptance_rate, c.metrics.drafted_tokens = 3.5, 0.7, 100
+            c.metrics.nvml["timeline"] = {"t_s": [0.1 * i for i in range(50)],
+                                          "pcie_rx_bytes_per_s": [2e10 + 1e9 * (i % 5) for i in range(50)],
+                                          "pcie_tx_bytes_per_s": [1e8] * 50,
+                                          "sm_util_pct": [60 + i % 7 for i in range(50)]}
+    return cells
+
+
+def run_cli(*args):
+    return CliRunner().invoke(report_command, list(map(str, args)))
+
+
+def test_cpu_run_writes_markdown_html_and_figures(tmp_path):
+    cells = matrix(seed=1) + [make_cell("accelerate", 1, status="skipped")]
+    run = write_run(tmp_path, "cpu-run", cells)
+    res = run_cli(run)
+    assert res.exit_code == 0, res.output
+    out = run / "report"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["h2d_bytes_per_token.png", "speedup.png", "throughput.png"]
+    for p in pngs:
+        assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "no NVML samples in this run" in md and "no NVML energy readings" in md
+    assert "no speculative engine in this run" in md
+    # every engine has a tokens/s column in every batch row
+    table = md.split("**Output tokens/s**")[1].split("\n\n")[1].splitlines()
+    assert table[0] == "| batch | offload | lru | specmoe |" and len(table) == 4
+    assert all("| - " not in row for row in table[2:])
+    assert "| accelerate-tiny-mixtral-random-float32-b1-cpu-synthetic-ids-p32-n32-s0 | skipped | RuntimeError: boom |" in md
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3 and not re.search(r'src="(?!data:)', page)
+
+
+def test_speedup_is_over_offload_at_same_batch():
+    sp = speedups(matrix(seed=1, n=2, noise=0.0))
+    panel = sp["tiny-mixtral-random on cpu"]
+    assert "offload" not in panel
+    assert [round(v, 3) for _, v, _ in panel["lru"]] == [1.5, 1.5]
+    assert [round(v, 3) for _, v, _ in panel["specmoe"]] == [2.2, 2.2]
+
+
+def test_gpu_run_draws_energy_speculation_and_nvml_timeline(tmp_path):
+    run = write_run(tmp_path, "gpu-run", gpu_cells())
+    res = run_cli(run, "--out", tmp_path / "rep")
+    assert res.exit_code == 0, res.output
+    pngs = {p.name for p in (tmp_path / "rep").glob("*.png")}
+    assert pngs == {"throughput.png", "speedup.png", "h2d_bytes_per_token.png", "speculation.png",
+                    "energy_per_token.png", "nvml_timeline.png"}
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "NVML bandwidth over time for specmoe-tiny-mixtral-random-float32-b4-cuda" in md
+    assert "**Energy per output token (J)**" in md and "no NVML" not in md
+
+
+def test_chosen_nvml_cell_without_readings_says_so(tmp_path):
+    run = write_run(tmp_path, "gpu-run", gpu_cells())
+    key = make_cell("lru", 1, hardware="cuda").config.key()
+    assert run_cli(run, "--nvml-cell", key).exit_code == 0
+    md = (run / "report" / "report.md").read_text()
+    assert f"no NVML samples in this run (no NVIDIA GPU or NVML unavailable), so nothing is drawn for cell {key}" in md
+    assert not (run / "report" / "nvml_timeline.png").exists()
+
+
+def test_run_without_offload_says_why_no_speedup(tmp_path):
+    cells = [c for c in matrix(seed=1) if c.config.engine != "offload"]
+    blocks = build_report(tmp_path, cells, {}, tmp_path / "out")
+    notes = [b.text for b in blocks if b.kind == "note"]
+    assert "no `offload` cells to compare against: speedup not drawn" in notes
+    assert not (tmp_path / "out" / "speedup.png").exists()
+
+
+def one_error_line(res):
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2, res.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+def test_truncated_cell_file_is_one_line_exit_2(tmp_path):
+    run = write_run(tmp_path, "r", matrix(seed=1))
+    victim = sorted((run / "cells").glob("*.json"))[0]
+    victim.write_text(victim.read_text()[:-40])
+    line = one_error_line(run_cli(run))
+    assert victim.name in line and "corrupt or truncated" in line
+
+
+def test_unknown_nvml_cell_and_missing_run(tmp_path):
+    run = write_run(tmp_path, "r", matrix(seed=1))
+    assert "--nvml-cell 'nope'" in one_error_line(run_cli(run, "--nvml-cell", "nope"))
+    assert "no such directory" in one_error_line(run_cli(tmp_path / "missing"))
+    (tmp_path / "empty" / "cells").mkdir(parents=True)
+    assert "no cell results" in one_error_line(run_cli(tmp_path / "empty"))
+
+
+if __name__ == "__main__":
+    pytest.main([__file__])
