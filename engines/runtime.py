@@ -269,19 +269,27 @@ class ModelRuntime:
     # -- the experts of one MoE layer --------------------------------------------------------------------------
 
     def _run_experts(self, module, layer, hidden_states, top_k_index, top_k_weights):
-        # N = tokens in this forward, K = experts per token, H = hidden size
+        # N = tokens in this forward, K = experts per token, E = experts in the layer, H = hidden size
+        N, K = top_k_index.shape
+        E = self.store.num_experts
+        flat = top_k_index.reshape(-1)  # [N*K]
         active = self.token_mask  # [N] or None; padding, holes and finished rows route to no expert
-        routed = top_k_index if active is None else top_k_index[active]
-        experts = torch.unique(routed).tolist()  # one host sync per layer: the policy needs the ids
+        if active is not None:
+            flat = torch.where(active.repeat_interleave(K), flat, E)  # E: a sentinel that sorts last
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, ascending inside
+        counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()  # the one host sync of the layer
+        experts = [e for e in range(E) if counts[e]]
         if self.routing_log is not None:
             self.routing_log.append((self.forward_index, layer, experts))
         weights = self.policy.weights_for(layer, experts)
         out = torch.zeros_like(hidden_states)  # [N, H]
-        hit = top_k_index.unsqueeze(-1) == torch.tensor(experts, device=top_k_index.device)  # [N, K, X]
-        if active is not None:
-            hit &= active[:, None, None]
-        for x, e in enumerate(experts):  # ascending expert id, the same order for every engine
-            tok, slot = torch.where(hit[..., x])
+        start = 0
+        for e in range(E):  # ascending expert id, the same order for every engine
+            if not counts[e]:
+                continue
+            pairs = order[start:start + counts[e]]
+            start += counts[e]
+            tok, slot = pairs // K, pairs % K
             w = weights[e]
             h = hidden_states[tok]
             if module.has_gate:
