@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,25 +158,29 @@ def compare_metric(cell: str, metric: str, base: CellResult, cand: CellResult, t
         worse = direction == "exact" or (c < b if direction == "higher" else c > b)
         return Row(cell, metric, b, c, "regression" if worse else "changed",
                    note="deterministic: exact comparison" + ("" if worse else "; better, update the baseline"))
+    xs, ys = base.samples.get(metric) or [], cand.samples.get(metric) or []
+    enough = len(xs) >= MIN_SAMPLES and len(ys) >= MIN_SAMPLES
+    if enough:  # medians: one iteration stalled by another process must not move the ratio
+        b, c = statistics.median(xs), statistics.median(ys)
+    of = f"medians of {len(xs)} vs {len(ys)}; " if enough else ""
     if b == c:
-        return Row(cell, metric, b, c, "ok", note="unchanged")
+        return Row(cell, metric, b, c, "ok", note=of + "unchanged")
     # worse > 1 means the candidate is worse by that factor
     if b == 0 or c == 0:
         worse = math.inf if (c == 0) == (direction == "higher") else 0.0
     else:
         worse = c / b if direction == "lower" else b / c
     if 1 / (1 + threshold) <= worse <= 1 + threshold:
-        return Row(cell, metric, b, c, "ok", note=f"within {threshold:.0%}")
+        return Row(cell, metric, b, c, "ok", note=of + f"within {threshold:.0%}")
     verdict = "regression" if worse > 1 else "improvement"
-    xs, ys = base.samples.get(metric) or [], cand.samples.get(metric) or []
-    if len(xs) < MIN_SAMPLES or len(ys) < MIN_SAMPLES:
+    if not enough:
         return Row(cell, metric, b, c, "not significant",
                    note=f"{verdict} by ratio; n too small ({len(xs)} vs {len(ys)} samples, need {MIN_SAMPLES})")
     from scipy.stats import mannwhitneyu
     p = float(mannwhitneyu(xs, ys, alternative="two-sided").pvalue)
     if p >= ALPHA:
-        return Row(cell, metric, b, c, "not significant", p, note=f"{verdict} by ratio; p={p:.3g}")
-    return Row(cell, metric, b, c, verdict, p, note=f"p={p:.3g}")
+        return Row(cell, metric, b, c, "not significant", p, note=f"{verdict} by ratio; {of}p={p:.3g}")
+    return Row(cell, metric, b, c, verdict, p, note=f"{of}p={p:.3g}")
 
 
 def environment_warnings(base: list[CellResult], cand: list[CellResult], base_meta: dict,
@@ -270,8 +275,9 @@ def render_markdown(comp: Comparison, threshold: float) -> str:
     counts = {}
     for r in comp.rows:
         counts[r.status] = counts.get(r.status, 0) + 1
-    lines += ["", f"threshold {threshold:.0%} on timings (Mann-Whitney U, alpha {ALPHA}, at least {MIN_SAMPLES} "
-                  f"samples per side); deterministic CPU metrics compared exactly",
+    lines += ["", f"threshold {threshold:.0%} on timings, compared as medians of the per-iteration samples where each "
+                  f"side has at least {MIN_SAMPLES} (else the cell means), and called only when Mann-Whitney U "
+                  f"gives p < {ALPHA}; deterministic CPU metrics compared exactly",
               "summary: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
               + (f" ({hidden} absent in both runs, not listed)" if hidden else "")]
     if comp.only_baseline:
