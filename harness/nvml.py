@@ -465,9 +465,11 @@ class PowerSource(_NvmlSource):
 
 
 class EnergySource(_NvmlSource):
-    """Total energy since the driver loaded, in mJ. It does not wrap (64 bits); a decrease is a driver reload."""
+    """Total energy since the driver loaded, in mJ. It does not wrap (64 bits); a decrease is a driver reload.
+    It advances in steps of roughly 100 ms of energy: on the H200 a 20 ms region at 117 W read 12.7 J (or 0 J)."""
 
     name = "energy"
+    min_region_s = 1.0
     metrics = (Metric("energy_j", COUNTER, scale=1e-3, stats=()),)
 
     def __init__(self, nvml: Any, handle: Any) -> None:
