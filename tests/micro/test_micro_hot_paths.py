@@ -1,0 +1,72 @@
+"""Micro-benchmarks of the hot paths (`make bench-micro`): the expert store's copy, the experts function on a small
+batch, SpecMoE's affinity lookup while drafting and its acceptance step. The plain test run skips them
+(`--benchmark-skip` in pyproject's addopts), so timings never decide pass or fail; each still checks its result."""
+import pytest
+import torch
+
+from engines.runtime import ModelRuntime
+from workloads.models import load_model
+
+specmoe = pytest.importorskip("engines.specmoe", reason="engines/specmoe.py not present: SpecMoE benchmarks skipped")
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    return ModelRuntime(load_model("tiny-mixtral-random").model, "cpu")
+
+
+def test_expert_store_copy_to_device(benchmark, runtime):
+    store = runtime.store
+    store.reset_counters()
+    weights = benchmark(store.copy_to_device, 1, 5)
+    calls = store.counters.h2d_copies
+    assert calls >= 1 and store.counters.h2d_bytes == calls * store.expert_bytes
+    for name, t in weights.items():
+        assert torch.equal(t, store.host[1][name][5]) and t.data_ptr() != store.host[1][name][5].data_ptr()
+
+
+def test_experts_function_small_batch(benchmark, runtime):
+    module = runtime.experts_modules[0]
+    g = torch.Generator().manual_seed(0)
+    N, H, K = 8, runtime.model.config.hidden_size, runtime.top_k  # 8 tokens, top-2 of 8 experts
+    hidden = torch.randn(N, H, generator=g)
+    index = torch.stack([torch.randperm(runtime.store.num_experts, generator=g)[:K] for _ in range(N)])
+    weights = torch.softmax(torch.randn(N, K, generator=g), -1)
+    with torch.inference_mode():
+        out = benchmark(runtime._run_experts, module, 0, hidden, index, weights)
+    assert out.shape == (N, H) and torch.isfinite(out).all()
+    assert runtime.store.counters.h2d_copies > 0  # on-demand policy: every expert needed was copied
+
+
+def test_affinity_lookup_while_drafting(benchmark, runtime):
+    policy = specmoe.SpecMoEPolicy(n=2, policy="hot-global", decay=0.8, seed=0)
+    runtime.set_policy(policy)
+    policy.mode = "draft"
+    before = runtime.store.counters.h2d_bytes
+    experts = list(range(runtime.store.num_experts))
+    served = benchmark(policy.weights_for, 0, experts)
+    assert runtime.store.counters.h2d_bytes == before  # drafting copies nothing
+    resident = {w["down_proj"].data_ptr() for (layer, _), w in runtime.store.resident.items() if layer == 0}
+    assert len(served) == len(experts) and {w["down_proj"].data_ptr() for w in served.values()} <= resident
+
+
+def test_affinity_table_build(benchmark, runtime):
+    d = benchmark(specmoe.affinity_distances, runtime.store, 0)
+    E = runtime.store.num_experts
+    assert d.shape == (E, E) and torch.allclose(d.diagonal(), torch.zeros(E, dtype=d.dtype), atol=1e-3)
+
+
+def test_acceptance_step_greedy(benchmark):
+    drafts = [5, 9, 2, 7, 1, 3, 8, 4, 6, 0]  # gamma = 10
+    target = [5, 9, 2, 7, 11, 3, 8, 4, 6, 0, 12]
+    assert benchmark(specmoe.greedy_accept, drafts, target) == (4, 11)
+
+
+def test_acceptance_step_sampling(benchmark):
+    gamma, V = 10, 128
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(gamma + 1, V, generator=g, dtype=torch.float64), -1)
+    q = [row.clone() for row in p[:gamma]]  # draft == target: every draft token is accepted
+    drafts = [int(torch.argmax(row)) for row in q]
+    accepted, bonus = benchmark(specmoe.sample_accept, drafts, q, p, torch.Generator().manual_seed(1))
+    assert accepted == gamma and 0 <= bonus < V
