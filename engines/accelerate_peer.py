@@ -31,11 +31,11 @@ class AccelerateEngine(Engine):
         model.model.save_pretrained(self._tmp.name)
         dtype = next(model.model.parameters()).dtype
         max_memory = None
-        if hardware.expert_budget_bytes is not None:
+        if hardware.memory_budget_bytes is not None:
             experts = sum(p.nbytes for n, p in model.model.named_parameters() if n.endswith(("gate_up_proj", "down_proj")))
             non_expert = sum(p.nbytes for p in model.model.parameters()) - experts
-            max_memory = {int(hardware.device.split(":")[1]): non_expert + hardware.expert_budget_bytes,
-                          "cpu": 2 ** 40}
+            budget = hardware.expert_budget(non_expert, model.layers_loaded, model.layers_total)
+            max_memory = {int(hardware.device.split(":")[1]): non_expert + budget, "cpu": 2 ** 40}
         self.model = AutoModelForCausalLM.from_pretrained(self._tmp.name, dtype=dtype, device_map="auto",
                                                           max_memory=max_memory).eval()
         self.device = torch.device(hardware.device)

@@ -79,11 +79,14 @@ class RuntimeEngine(Engine):
         self.loaded = model
         self.runtime = ModelRuntime(model.model, hardware.device)
         store = self.runtime.store
-        if hardware.expert_budget_bytes is not None and hardware.expert_budget_bytes < store.expert_bytes:
-            raise BadInput(f"hardware {hardware.spec!r}: the expert budget holds less than one expert "
-                           f"({store.expert_bytes} bytes each)")
+        self.expert_budget = hardware.expert_budget(self.runtime.non_expert_bytes, model.layers_loaded,
+                                                    model.layers_total)
+        if self.expert_budget is not None and self.expert_budget < store.expert_bytes:
+            raise BadInput(f"hardware {hardware.spec!r}: the expert budget ({self.expert_budget} bytes after the "
+                           f"non-expert weights) holds less than one expert ({store.expert_bytes} bytes)")
         self.runtime.set_policy(self.make_policy(hardware))
-        self._setup = dict(setup_h2d_bytes=store.counters.h2d_bytes, resident_experts=len(store.resident))
+        self._setup = dict(setup_h2d_bytes=store.counters.h2d_bytes, resident_experts=len(store.resident),
+                           expert_budget_bytes=self.expert_budget, memory_budget_bytes=hardware.memory_budget_bytes)
         store.reset_counters()
 
     def prepare(self, prompts, settings) -> None:

@@ -34,7 +34,7 @@ class ResidentEngine(RuntimeEngine):
     summary = "every weight on the device; plain decoding (the reference for equivalence)"
 
     def load(self, model, hardware: HardwareProfile) -> None:
-        if hardware.expert_budget_bytes is not None:
+        if hardware.memory_budget_bytes is not None:
             raise BadInput(f"engine 'resident' keeps every expert on the device; it cannot run under the expert "
                            f"budget of {hardware.spec!r} (use the plain device profile)")
         super().load(model, hardware)
@@ -127,8 +127,8 @@ class CachingEngine(RuntimeEngine):
         store = self.runtime.store
         usage = Counter((layer, e) for _, layer, experts in self.record_routing(prompts, settings) for e in experts)
         slots = max(1, math.floor(self.options.fraction * store.num_layers * store.num_experts))
-        if self.hardware.expert_budget_bytes is not None:
-            slots = min(slots, self.hardware.expert_budget_bytes // store.expert_bytes)
+        if self.expert_budget is not None:
+            slots = min(slots, self.expert_budget // store.expert_bytes)
         hottest = sorted(usage, key=lambda key: (-usage[key], key))[:slots]
         store.resident.clear()
         for layer, e in hottest:
@@ -187,7 +187,7 @@ class LRUEngine(RuntimeEngine):
 
     def make_policy(self, hardware):
         capacity = parse_capacity(self.options.capacity, self.runtime.store)
-        if hardware.expert_budget_bytes is not None:
-            capacity = min(capacity, hardware.expert_budget_bytes // self.runtime.store.expert_bytes)
+        if self.expert_budget is not None:
+            capacity = min(capacity, self.expert_budget // self.runtime.store.expert_bytes)
         self.capacity = capacity
         return LRUPolicy(capacity)

@@ -39,7 +39,7 @@ class HardwareProfile:
 
     spec: str
     device: str  # torch device string: "cpu" or "cuda:N"
-    expert_budget_bytes: int | None = None  # cap on expert bytes an engine may keep on the device
+    memory_budget_bytes: int | None = None  # device memory of the GPU this profile emulates (None: the real one)
 
     @property
     def is_cuda(self) -> bool:
@@ -61,4 +61,20 @@ class HardwareProfile:
             if index >= torch.cuda.device_count():
                 raise BadInput(f"hardware {spec!r}: device cuda:{index} does not exist "
                                f"(this machine has {torch.cuda.device_count()} CUDA device(s))")
-        return cls(spec=text, device=f"cuda:{index}", expert_budget_bytes=budget)
+        return cls(spec=text, device=f"cuda:{index}", memory_budget_bytes=budget)
+
+    def expert_budget(self, non_expert_bytes: int, layers_loaded: int | None = None,
+                      layers_total: int | None = None) -> int | None:
+        """Bytes of experts an engine may keep resident: the emulated memory, scaled by K/L when only K of the
+        model's L layers are loaded (so K layers see the share the whole model would), less the loaded model's
+        non-expert weights (which stay on the device). KV cache and activations are not charged."""
+        if self.memory_budget_bytes is None:
+            return None
+        scale = layers_loaded / layers_total if layers_loaded and layers_total else 1.0
+        budget = int(self.memory_budget_bytes * scale) - non_expert_bytes
+        if budget <= 0:
+            shown = f"{format_bytes(self.memory_budget_bytes)}" + (f" x {layers_loaded}/{layers_total} layers"
+                                                                   if scale != 1.0 else "")
+            raise BadInput(f"hardware {self.spec!r}: the budget ({shown}) is smaller than the model's non-expert "
+                           f"weights ({format_bytes(non_expert_bytes)}), which must stay on the device")
+        return budget

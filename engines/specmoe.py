@@ -132,8 +132,8 @@ class SpecMoEEngine(RuntimeEngine):
             raise BadInput(f"specmoe draft_experts={o.draft_experts}: the model has only {store.num_experts} "
                            "experts per layer")
         n = o.draft_experts
-        if hardware.expert_budget_bytes is not None:
-            fits = hardware.expert_budget_bytes // (store.expert_bytes * store.num_layers)
+        if self.expert_budget is not None:
+            fits = self.expert_budget // (store.expert_bytes * store.num_layers)
             if fits < 1:
                 raise BadInput(f"hardware {hardware.spec!r}: the expert budget cannot hold one draft expert per "
                                f"layer ({store.expert_bytes * store.num_layers} bytes)")

@@ -227,4 +227,13 @@ def test_bad_hardware(spec, message):
 def test_sizes():
     assert parse_size("24GiB") == 24 * 2**30
     assert parse_size("1.5MB") == 1_500_000
-    assert HardwareProfile.parse("cuda:budget=8GiB", check_available=False).expert_budget_bytes == 8 * 2**30
+    assert HardwareProfile.parse("cuda:budget=8GiB", check_available=False).memory_budget_bytes == 8 * 2**30
+
+
+def test_budget_scales_with_the_loaded_layers_and_leaves_room_for_non_expert_weights():
+    hw = HardwareProfile.parse("cuda:budget=24GiB", check_available=False)
+    assert hw.expert_budget(2 * 2**30) == 22 * 2**30
+    assert hw.expert_budget(2**30, layers_loaded=4, layers_total=32) == 3 * 2**30 - 2**30
+    with pytest.raises(BadInput, match=r"budget \(24.00 GiB x 1/32 layers\) is smaller than the model's non-expert"):
+        hw.expert_budget(2**30, layers_loaded=1, layers_total=32)
+    assert HardwareProfile.parse("cpu").expert_budget(10**9) is None
