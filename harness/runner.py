@@ -90,7 +90,7 @@ def make_prompts(cell: CellConfig, loaded) -> list[list[int]]:
     if mod is None:
         raise BadInput(f"workload {cell.workload!r} needs workloads/prompts.py, which is not installed")
     return mod.load_workload(cell.workload, batch_size=cell.batch_size, prompt_len=cell.prompt_len,
-                             model=loaded, seed=cell.seed)
+                             output_len=cell.max_new_tokens, model=loaded, seed=cell.seed)
 
 
 # ================================================================================================================
@@ -185,6 +185,9 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
     report(phase="load")
     loaded = load_model(cell.model, getattr(torch, cell.dtype), cell.model_layers, cell.seed)
     prompts = make_prompts(cell, loaded)
+    result.workload_info = dict(prompts.metadata()) if hasattr(prompts, "metadata") else \
+        dict(workload=cell.workload, description=BUILTIN_WORKLOADS.get(cell.workload))
+    prompts = [list(p) for p in prompts]
     ref, ref_error = None, None
     try:
         ref = reference_outputs(cell, hw, prompts, settings, run_dir / "reference" if run_dir else None)

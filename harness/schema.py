@@ -96,6 +96,7 @@ class CellResult:
     metrics: Metrics = field(default_factory=Metrics)
     samples: dict[str, list[float]] = field(default_factory=dict)  # per-iteration values, for significance tests
     model_info: dict[str, Any] = field(default_factory=dict)
+    workload_info: dict[str, Any] = field(default_factory=dict)  # what the prompts are (name, source, lengths)
     environment: dict[str, Any] = field(default_factory=dict)
     engine_stats: dict[str, Any] = field(default_factory=dict)  # engine-specific extras
     outputs: dict[str, Any] | None = None  # --save-outputs: prompt and generated token ids

@@ -111,3 +111,24 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     atomic_write_json(p, {"a": 1})
     atomic_write_json(p, {"a": 2})
     assert json.loads(p.read_text()) == {"a": 2} and [f.name for f in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise():
+    import io
+
+    from harness.progress import Progress
+    cell = CellConfig(engine="lru", model="tiny-mixtral-random", batch_size=2, hardware="cpu", max_new_tokens=4)
+    for tty in (True, False):
+        out = io.StringIO()
+        p = Progress(stream=out, tty=tty)
+        p.start(2)
+        p.cell_start(cell)
+        p.cell_progress({"phase": "measure", "iteration": 1, "tokens": 8})
+        p.cell_done(cell, result("lru", 2, 12.5))
+        p.finish()
+        text = out.getvalue()
+        assert "[1/2] lru-tiny-mixtral-random" in text and "ok, 12.5 tok/s" in text
+        if tty:
+            assert "\r" in text and "8/24 tokens" in text and "1/2 cells" not in text.split("\n")[-1]
+        else:
+            assert "\r" not in text and "\033" not in text and text.count("\n") == 2
