@@ -1,7 +1,9 @@
 """Model catalogue: every name a user can pass as --model resolves here to a transformers MoE causal LM on the CPU.
 
-Names: a preset in SYNTHETIC (random weights, labelled synthetic), a local checkpoint directory, or a hub id
-(needs network). Loading is deterministic: the same name, dtype and seed give the same weights.
+Names: a checkpoint the project trains itself (TRAINED: "tiny", "small"; trained on first use and cached per
+machine), a toy or an architecture preset of a public model (SYNTHETIC, PRESETS: random weights, labelled
+synthetic), a local checkpoint directory, or a hub id (needs network). Loading is deterministic: the same name,
+dtype and seed give the same weights.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from engines.errors import BadInput
+
+from .presets import PRESETS
 
 
 @dataclass
@@ -42,25 +46,25 @@ def _tiny_qwen2moe() -> PretrainedConfig:
                           decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False)
 
 
+def _tiny_trained_shape() -> PretrainedConfig:
+    from .train import TRAIN_PRESETS
+    return TRAIN_PRESETS["tiny"].model_config()
+
+
 # name -> (config factory, description). Random weights: results carry source "synthetic".
 SYNTHETIC: dict[str, tuple[Callable[[], PretrainedConfig], str]] = {
     "tiny-mixtral-random": (_tiny_mixtral, "2-layer Mixtral-family toy, 8 experts top-2, random weights"),
     "tiny-qwen2moe-random": (_tiny_qwen2moe, "2-layer Qwen2-MoE-family toy with a shared expert, random weights"),
+    "tiny-random": (_tiny_trained_shape, "the shape of 'tiny' with random weights (the routing-locality control)"),
 }
+
+# Checkpoints the project trains itself (workloads/train.py); source "trained".
+TRAINED = ("tiny", "small")
 
 
 def _with_layers(config: PretrainedConfig, layers: int | None) -> tuple[PretrainedConfig, int, int]:
-    total = config.num_hidden_layers
-    if layers is None:
-        return config, total, total
-    if not 1 <= layers <= total:
-        raise BadInput(f"--layers {layers}: must be between 1 and {total} for this model")
-    config.num_hidden_layers = layers
-    for key in ("layer_types", "mlp_only_layers"):  # per-layer lists must shrink with the layer count
-        value = getattr(config, key, None)
-        if isinstance(value, list) and len(value) == total:
-            setattr(config, key, value[:layers])
-    return config, layers, total
+    from .presets import with_layers
+    return with_layers(config, layers)
 
 
 def build_from_config(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -74,7 +78,15 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, layers: int | None
     if name in SYNTHETIC:
         config, loaded, total = _with_layers(SYNTHETIC[name][0](), layers)
         return LoadedModel(build_from_config(config, seed, dtype), name, "synthetic",
-                           layers_loaded=loaded, layers_total=total)
+                           layers_loaded=loaded, layers_total=total, notes=dict(synthetic=True))
+    if name in PRESETS:
+        return _load_preset(name, dtype, layers, seed)
+    if name in TRAINED:
+        from .train import trained_checkpoint
+        # The weights are fixed by training (seed 0); `seed` does not retrain another model.
+        loaded = _from_pretrained(str(trained_checkpoint(name)), name, "trained", dtype, layers)
+        loaded.notes.update(_training_notes(Path(loaded.notes["checkpoint"])))
+        return loaded
     path = Path(name).expanduser()
     if path.is_dir() or (os.sep in name and name.count("/") != 1) or name.startswith((".", "~", "/")):
         if not (path / "config.json").is_file():
@@ -91,6 +103,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, layers: int | None
 
 def _from_pretrained(ref: str, name: str, source: str, dtype, layers) -> LoadedModel:
     """The single loading path for a local directory and a hub id (transformers resolves both)."""
+    if source == "hub":
+        _check_hub_reachable(ref, "model")
     try:
         config = AutoConfig.from_pretrained(ref)
     except OSError as exc:
@@ -103,11 +117,78 @@ def _from_pretrained(ref: str, name: str, source: str, dtype, layers) -> LoadedM
         tokenizer = AutoTokenizer.from_pretrained(ref)
     except (OSError, ValueError, TypeError):
         pass
-    return LoadedModel(model, name, source, tokenizer, layers_loaded=loaded, layers_total=total)
+    notes = {"checkpoint": ref} if source != "hub" else {"hub_id": ref}
+    if loaded != total:
+        notes["layers"] = f"{loaded} of {total} decoder layers loaded"
+    return LoadedModel(model, name, source, tokenizer, layers_loaded=loaded, layers_total=total, notes=notes)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connect quickly (so an offline machine fails fast)."""
+    import socket
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        with socket.create_connection((host.split(":")[0], 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_hub_reachable(ref: str, what: str) -> None:
+    """A hub id without network: use the local hub cache if it has the files, else fail fast with one line."""
+    if hub_reachable():
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            os.environ["HF_HUB_OFFLINE"] = "1"  # cached: load from disk without retries against the network
+            return
+    except Exception:
+        pass
+    raise BadInput(f"{what} {ref!r} is a hub id but the hub cannot be reached from this machine (no network) and it "
+                   "is not in the local hub cache; give a local checkpoint directory or one of the built-in names")
+
+
+def _training_notes(path: Path) -> dict:
+    import json
+    info = json.loads((path / "training.json").read_text())
+    keep = ("heldout_loss", "heldout_perplexity", "unigram_loss", "corpus", "corpus_fingerprint", "seed",
+            "train_tokens_seen", "expert_usage_entropy", "entropy_max")
+    return {k: info[k] for k in keep if k in info}
+
+
+def _load_preset(name: str, dtype: torch.dtype, layers: int | None, seed: int) -> LoadedModel:
+    """A public model's shapes with random weights; only `layers` decoder layers are built."""
+    from .presets import PRESETS, build_random, host_memory_bytes, preset_config, shape_report, with_layers
+    full = preset_config(name)
+    config, loaded, total = with_layers(full, layers)
+    need = shape_report(config).bytes(dtype)["total_bytes"]
+    have = host_memory_bytes()
+    if need > 0.8 * have:
+        per_layer = shape_report(with_layers(full, 2)[0]).bytes(dtype)["total_bytes"] - \
+            shape_report(with_layers(full, 1)[0]).bytes(dtype)["total_bytes"]
+        base = need - loaded * per_layer
+        fits = max(0, int((0.8 * have - base) // per_layer))
+        raise BadInput(f"model {name!r} with {loaded} layers needs {need / 2**30:.1f} GiB in {str(dtype)[6:]}; "
+                       f"this machine has {have / 2**30:.1f} GiB: use --layers K with K <= {min(fits, total)} "
+                       "or a smaller dtype")
+    full_bytes, here = shape_report(full).bytes(dtype), shape_report(config).bytes(dtype)
+    notes = dict(synthetic=True, preset=name, shapes_of=PRESETS[name].hub_id,
+                 expert_bytes=here["expert_bytes"], total_expert_bytes=here["total_expert_bytes"],
+                 full_model_total_expert_bytes=full_bytes["total_expert_bytes"],
+                 full_model_params=shape_report(full).total_params)
+    if loaded != total:
+        notes["layers"] = f"{loaded} of {total} decoder layers loaded"
+    model = build_random(config, seed, dtype)
+    return LoadedModel(model, name, "synthetic", None, layers_loaded=loaded, layers_total=total, notes=notes)
 
 
 def known_models() -> list[str]:
-    return sorted(SYNTHETIC)
+    from .presets import PRESETS
+    return sorted(SYNTHETIC) + sorted(PRESETS) + list(TRAINED)
 
 
 def did_you_mean(name: str, choices) -> str:

@@ -1,0 +1,143 @@
+"""The `model` command group (train, info) and the rows that `specmoe-bench list models|workloads` prints."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from engines.errors import BadInput
+
+
+def _usage(exc: BadInput) -> click.UsageError:
+    return click.UsageError(str(exc))
+
+
+@click.group("model")
+def model_group():
+    """Train the project's MoE checkpoints and inspect models."""
+
+
+@model_group.command("train")
+@click.option("--preset", default="tiny", show_default=True, help="tiny (2 CPU cores, ~3 min) or small (one H200, ~5 min)")
+@click.option("--corpus", default=None, help="folder of text files, a .txt, or a .json/.jsonl/.parquet/.csv file with "
+              "a 'text' column; default: the Python standard library on this machine")
+@click.option("--out", default=None, help="output directory; default: the per-machine cache that --model tiny|small uses")
+@click.option("--arch", default=None, type=click.Choice(["mixtral", "qwen2_moe"]),
+              help="model family (default mixtral; qwen2_moe adds a shared expert)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--steps", default=None, type=int, help="override the preset's optimizer steps")
+@click.option("--device", default=None, help="cpu or cuda; default: the preset's (tiny: cpu, small: cuda)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def train_cmd(preset, corpus, out, arch, seed, steps, device, quiet):
+    """Train a MoE causal LM and its byte-level BPE tokenizer; save them with training.json (held-out loss,
+    perplexity, unigram baseline, expert usage entropy)."""
+    from .train import cached_checkpoint, train, trained_checkpoint
+    try:
+        default_run = corpus is None and out is None and arch is None and steps is None and device is None and seed == 0
+        if default_run:  # the exact checkpoint --model tiny|small loads: train into the cache (once, locked)
+            cached = cached_checkpoint(preset)
+            if (cached / "training.json").is_file():
+                click.echo(f"already trained: {cached}")
+                path = cached
+            else:
+                path = trained_checkpoint(preset, progress=not quiet)
+            metrics = json.loads((path / "training.json").read_text())
+        else:
+            result = train(preset, corpus=corpus, out=out, seed=seed, device=device, progress=not quiet,
+                           arch=arch, steps=steps)
+            path, metrics = result.path, result.metrics
+    except BadInput as exc:
+        raise _usage(exc) from None
+    from .train import summary
+    click.echo(summary(metrics))
+    click.echo(f"saved: {path}")
+
+
+@model_group.command("info")
+@click.argument("name")
+@click.option("--layers", default=None, type=int, help="build only the first K decoder layers")
+@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--build/--no-build", default=True, show_default=True,
+              help="build the weights (checks the model loads) or only compute the shapes of a preset")
+def info_cmd(name, layers, dtype, build):
+    """Per-expert and total expert bytes of a model (presets: also the full public model)."""
+    import torch
+
+    from .models import load_model
+    from .presets import PRESETS, preset_config, shape_report, with_layers
+    dt = getattr(torch, dtype)
+    try:
+        if name in PRESETS and not build:
+            config, loaded, total = with_layers(preset_config(name), layers)
+            row = dict(name=name, source="synthetic", layers=f"{loaded}/{total}", **shape_report(config).bytes(dt))
+        else:
+            m = load_model(name, dtype=dt, layers=layers)
+            from engines.runtime import find_experts_modules
+            experts = find_experts_modules(m.model)
+            per = [sum(p.nbytes for p in mod.parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == mod.num_experts)
+                   for _, mod in experts]
+            row = dict(name=name, source=m.source, layers=f"{m.layers_loaded}/{m.layers_total}",
+                       moe_layers=len(experts), experts_per_layer=experts[0][1].num_experts,
+                       expert_bytes=per[0] // experts[0][1].num_experts, total_expert_bytes=sum(per),
+                       non_expert_bytes=sum(p.nbytes for p in m.model.parameters()) - sum(per), **m.notes)
+    except BadInput as exc:
+        raise _usage(exc) from None
+    for key, value in row.items():
+        click.echo(f"{key}: {value}")
+
+
+def list_models_rows() -> list[dict]:
+    """One row per built-in model name: name, source, description, sizes (expert bytes in bf16 for presets)."""
+    from .models import SYNTHETIC, TRAINED
+    from .presets import PRESETS, preset_config, shape_report
+    from .train import TRAIN_PRESETS, cache_root
+    rows = []
+    for name in TRAINED:
+        p = TRAIN_PRESETS[name]
+        trained = sorted(cache_root().glob(f"{name}-*/training.json")) if cache_root().is_dir() else []
+        status = "cached on this machine" if trained else ("trains on first use" if p.device == "cpu" else
+                                                           "train on a GPU: specmoe-bench model train --preset small")
+        per_expert = 3 * p.hidden_size * p.intermediate_size * (4 if p.save_dtype == "float32" else 2)
+        rows.append(dict(name=name, source="trained", description=p.description,
+                         sizes=f"{p.layers} layers x {p.experts} experts, expert {_fmt(per_expert)} "
+                               f"({p.save_dtype}); {status}"))
+    for name, (factory, description) in SYNTHETIC.items():
+        r = shape_report(factory())
+        rows.append(dict(name=name, source="synthetic", description=description,
+                         sizes=f"{r.moe_layers} layers x {r.experts_per_layer} experts, "
+                               f"expert {_fmt(r.bytes(_f32())['expert_bytes'])} (float32)"))
+    for name, preset in PRESETS.items():
+        r = shape_report(preset_config(name))
+        b = r.bytes()
+        rows.append(dict(name=name, source="synthetic", description=preset.description,
+                         sizes=f"{r.total_params / 1e9:.1f}B params; {r.moe_layers} MoE layers x {r.experts_per_layer}"
+                               f" experts, expert {_fmt(b['expert_bytes'])}, all experts {_fmt(b['total_expert_bytes'])}"
+                               f" (bf16); use --layers K"))
+    return rows
+
+
+def list_workloads_rows() -> list[dict]:
+    from .prompts import BUILTIN, workload_sizes
+    rows = []
+    for name, description in BUILTIN.items():
+        s = workload_sizes(name)
+        rows.append(dict(name=name, source="builtin", description=description,
+                         sizes=f"{s['texts']} texts, {s['chars'] / 1e3:.0f}K chars"))
+    rows.append(dict(name="PATH.json|.jsonl|.parquet|.csv|.txt", source="file",
+                     description="a local file loaded through datasets: one prompt per row of its 'text' column",
+                     sizes="rows of the file"))
+    rows.append(dict(name="org/name", source="hub", description="a hub dataset with a 'text' column (needs network)",
+                     sizes="rows of its train split"))
+    return rows
+
+
+def _fmt(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _f32():
+    import torch
+    return torch.float32

@@ -1,0 +1,172 @@
+"""Workloads: prompt sets as token ids, with a prompt length and an output length.
+
+Built in: `code-heldout` (windows of standard-library source files the trained checkpoints never saw) and
+`docs-heldout` (docstrings of those files: natural language). Any local .json/.jsonl/.parquet/.csv/.txt file
+is loaded through `datasets` (one prompt per row of its `text` column, or per line of a .txt); a hub dataset
+name works when the hub is reachable and fails fast with one line when it is not.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engines.errors import BadInput
+
+from .corpus import DATASET_SUFFIXES, docstrings, load_text_rows, stdlib_corpus
+
+BUILTIN = {
+    "code-heldout": "held-out Python standard-library source files (never trained on): code completion",
+    "docs-heldout": "docstrings of the held-out standard-library files: natural-language documentation text",
+}
+
+
+class Workload(list):
+    """The prompts (a list of token-id lists, so it goes wherever prompts go) and what they are."""
+
+    def __init__(self, name: str, source: str, prompts: list[list[int]], prompt_len: int, output_len: int,
+                 tokenization: str, notes: dict | None = None):
+        super().__init__(prompts)
+        self.name = name
+        self.source = source  # "builtin" | "file" | "hub"
+        self.prompt_len = prompt_len
+        self.output_len = output_len  # max_new_tokens the workload asks for
+        self.tokenization = tokenization  # the model's tokenizer, or bytes for a model without one
+        self.notes = dict(notes or {})
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return list(self)
+
+    def metadata(self) -> dict:
+        return dict(workload=self.name, workload_source=self.source, prompt_len=self.prompt_len,
+                    output_len=self.output_len, tokenization=self.tokenization, **self.notes)
+
+    def settings(self, **kw):
+        from engines.runtime import SamplingSettings
+        return SamplingSettings(max_new_tokens=self.output_len, **kw)
+
+
+def known_workloads() -> list[str]:
+    return list(BUILTIN)
+
+
+def check_workload(name: str) -> None:
+    """Cheap validation before a run (no model, no tokenizer): BadInput for a name that cannot be a workload."""
+    path = Path(name).expanduser()
+    if name in BUILTIN or path.is_file():
+        return
+    if path.suffix.lower() in DATASET_SUFFIXES or path.suffix.lower() == ".txt" or name.startswith((".", "/", "~")):
+        raise BadInput(f"workload {name!r}: no such file; give a .json/.jsonl/.parquet/.csv/.txt file or one of: "
+                       f"{', '.join(BUILTIN)}")
+    if name.count("/") != 1:
+        from .models import did_you_mean
+        raise BadInput(f"unknown workload {name!r}{did_you_mean(name, BUILTIN)}; allowed: {', '.join(BUILTIN)}, a "
+                       "local .json/.jsonl/.parquet/.csv/.txt file or a hub dataset org/name")
+
+
+def builtin_texts(name: str) -> list[str]:
+    """The texts of a built-in workload, in a fixed order (sorted by file name)."""
+    held = [d for d in stdlib_corpus().split()[1]]
+    if name == "code-heldout":
+        return [d.text for d in held]
+    return [doc for d in held for doc in docstrings(d.text)]
+
+
+def load_workload(name_or_path: str, tokenizer=None, num_prompts: int | None = None, prompt_len: int = 64,
+                  output_len: int = 32, vocab_size: int | None = None, seed: int = 0, text_column: str = "text",
+                  *, model=None, batch_size: int | None = None) -> Workload:
+    """Prompts for one run: `num_prompts` prompts of exactly `prompt_len` tokens (built-ins) or of at most
+    `prompt_len` tokens (one per row of a file; rows are reused in order when there are fewer than asked).
+
+    tokenizer: the model's (a transformers tokenizer). Without one (random-weight presets) the UTF-8 bytes of
+    the text are the ids, modulo `vocab_size`, so the prompts stay deterministic and text-shaped.
+    model (a LoadedModel) and batch_size are the harness's spelling of tokenizer/vocab_size and num_prompts."""
+    if model is not None:
+        tokenizer = tokenizer or model.tokenizer
+        config = model.model.config
+        vocab_size = vocab_size or getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+    num_prompts = num_prompts or batch_size or 8
+    for label, value, low in (("num_prompts", num_prompts, 1), ("prompt_len", prompt_len, 1),
+                              ("output_len", output_len, 1)):
+        if value < low:
+            raise BadInput(f"{label}={value}: must be at least {low}")
+    if tokenizer is None and not vocab_size:
+        raise BadInput("a model without a tokenizer needs vocab_size to turn text into ids")
+    encode, tokenization = _encoder(tokenizer, vocab_size)
+
+    if name_or_path in BUILTIN:
+        stream: list[int] = []
+        for text in builtin_texts(name_or_path):
+            stream.extend(encode(text))
+        prompts = _windows(stream, num_prompts, prompt_len, seed)
+        return Workload(name_or_path, "builtin", prompts, prompt_len, output_len, tokenization,
+                        dict(description=BUILTIN[name_or_path], stream_tokens=len(stream),
+                             wrapped=len(stream) < num_prompts * prompt_len))
+
+    path = Path(name_or_path).expanduser()
+    if path.exists() or path.suffix.lower() in DATASET_SUFFIXES or path.suffix.lower() == ".txt" \
+            or name_or_path.startswith((".", "/", "~")):
+        if not path.is_file():
+            raise BadInput(f"workload {name_or_path!r}: no such file; give a .json/.jsonl/.parquet/.csv/.txt "
+                           f"file or one of: {', '.join(BUILTIN)}")
+        texts, source = load_text_rows(path, text_column), "file"
+    elif name_or_path.count("/") == 1:
+        texts, source = _hub_texts(name_or_path, text_column), "hub"
+    else:
+        from .models import did_you_mean
+        raise BadInput(f"unknown workload {name_or_path!r}{did_you_mean(name_or_path, BUILTIN)}; allowed: "
+                       f"{', '.join(BUILTIN)}, a local .json/.jsonl/.parquet/.csv/.txt file or a hub dataset org/name")
+    rows = [ids[:prompt_len] for ids in (encode(t) for t in texts) if ids]
+    if not rows:
+        raise BadInput(f"workload {name_or_path!r} has no non-empty text in column {text_column!r}")
+    prompts = [rows[i % len(rows)] for i in range(num_prompts)]
+    return Workload(name_or_path, source, prompts, prompt_len, output_len, tokenization,
+                    dict(rows=len(rows), reused_rows=num_prompts > len(rows)))
+
+
+def _encoder(tokenizer, vocab_size):
+    if tokenizer is not None:
+        return (lambda text: tokenizer.encode(text, add_special_tokens=False)), \
+            f"model tokenizer ({type(tokenizer).__name__}, {len(tokenizer)} ids)"
+    return (lambda text: [b % vocab_size for b in text.encode("utf-8")]), \
+        f"utf-8 bytes modulo vocab {vocab_size} (the model has no tokenizer)"
+
+
+def _windows(stream: list[int], n: int, length: int, seed: int) -> list[list[int]]:
+    """n windows of `length` tokens at evenly spaced offsets (shifted by the seed), wrapping around the stream."""
+    if not stream:
+        raise BadInput("the built-in workload is empty on this machine (no held-out standard-library text)")
+    total = len(stream)
+    step = max(1, total // n)
+    shift = int(hashlib.sha1(str(seed).encode()).hexdigest(), 16) % step if seed else 0
+    out = []
+    for i in range(n):
+        start = (i * step + shift) % total
+        window = stream[start:start + length]
+        while len(window) < length:  # wrap around a short stream
+            window += stream[: length - len(window)]
+        out.append(window)
+    return out
+
+
+def _hub_texts(name: str, text_column: str) -> list[str]:
+    from .models import hub_reachable
+    if not hub_reachable():
+        raise BadInput(f"workload {name!r} looks like a hub dataset but the hub cannot be reached from this "
+                       f"machine (no network); give a local .json/.jsonl/.parquet/.txt file or one of: "
+                       f"{', '.join(BUILTIN)}")
+    import datasets
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as exc:
+        raise BadInput(f"hub dataset {name!r} could not be loaded ({str(exc).splitlines()[0][:200]})") from None
+    if text_column not in ds.column_names:
+        raise BadInput(f"hub dataset {name!r} has columns {ds.column_names}; expected a {text_column!r} column")
+    return [str(t) for t in ds[text_column] if t]
+
+
+def workload_sizes(name: str) -> dict:
+    """Sizes of a built-in workload for `list workloads` (texts and characters; tokens depend on the model)."""
+    texts = builtin_texts(name)
+    return dict(texts=len(texts), chars=sum(len(t) for t in texts))

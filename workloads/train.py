@@ -1,0 +1,453 @@
+"""Train the project's own small MoE checkpoints offline, so routing, hit rates and acceptance are learned.
+
+A byte-level BPE tokenizer and a transformers MoE causal LM (Mixtral family, or Qwen2-MoE with a shared
+expert) are trained from a text corpus (default: the Python standard library) with the load-balancing loss,
+then saved with save_pretrained next to `training.json` (held-out loss, perplexity, unigram baseline, routing
+entropy). `trained_checkpoint("tiny")` caches the result per machine, trained at most once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engines.errors import BadInput
+
+from .corpus import Corpus, Doc, load_corpus
+
+EOS = "<|endoftext|>"
+FORMAT_VERSION = 1  # bump when training changes in a way that should retrain cached checkpoints
+
+
+@dataclass(frozen=True)
+class TrainPreset:
+    """A model size and the training recipe that goes with it."""
+
+    description: str
+    arch: str = "mixtral"  # "mixtral" | "qwen2_moe" (adds a shared expert)
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 256  # of one routed expert
+    shared_intermediate_size: int = 256  # qwen2_moe only
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 4
+    experts: int = 8
+    top_k: int = 2
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int = 500
+    lr: float = 3e-3
+    warmup: int = 40
+    aux_coef: float = 0.02  # weight of the load-balancing loss
+    weight_decay: float = 0.1
+    eval_windows: int = 64  # held-out windows of seq_len tokens
+    tokenizer_chars: int = 4_000_000  # training text the BPE sees
+    device: str = "cpu"  # where it is meant to train
+    cpu_threads: int = 1  # on CPU: one thread is deterministic and, unlike two, does not collapse when the cores are shared
+    save_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise BadInput(f"architecture {self.arch!r}: allowed {', '.join(ARCHS)}")
+        if not 1 <= self.top_k <= self.experts:
+            raise BadInput(f"top_k={self.top_k}: must be between 1 and experts={self.experts}")
+        if self.steps < 1:
+            raise BadInput(f"steps={self.steps}: must be at least 1")
+
+    def model_config(self):
+        common = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.layers,
+                      num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                      num_experts_per_tok=self.top_k, max_position_embeddings=max(2048, self.seq_len),
+                      tie_word_embeddings=False, router_aux_loss_coef=self.aux_coef, output_router_logits=False,
+                      bos_token_id=None, eos_token_id=0, pad_token_id=0)
+        if self.arch == "mixtral":
+            from transformers import MixtralConfig
+            return MixtralConfig(intermediate_size=self.intermediate_size, num_local_experts=self.experts, **common)
+        from transformers import Qwen2MoeConfig
+        return Qwen2MoeConfig(intermediate_size=self.shared_intermediate_size,
+                              moe_intermediate_size=self.intermediate_size,
+                              shared_expert_intermediate_size=self.shared_intermediate_size,
+                              num_experts=self.experts, decoder_sparse_step=1, norm_topk_prob=True, **common)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+ARCHS = ("mixtral", "qwen2_moe")
+
+TRAIN_PRESETS: dict[str, TrainPreset] = {
+    # ~3.7M parameters; ~1.2M tokens at ~8k tokens/s on two CPU cores: about 3 minutes with the tokenizer.
+    "tiny": TrainPreset("4 layers, 8 experts top-2, hidden 128, BPE 2048; trains on 2 CPU cores in ~3 min"),
+    # Experts of 3*2048*8960 bf16 = 110 MB each (copying one costs ~2 ms at 54.5 GB/s, more than its compute at
+    # batch 1); ~1.9B parameters, ~0.5B active. Trains on one H200 in ~5 minutes.
+    "small": TrainPreset("4 layers, 8 experts top-2, hidden 2048, expert 110 MB in bf16, BPE 8192; one H200 ~5 min",
+                         vocab_size=8192, hidden_size=2048, intermediate_size=8960, shared_intermediate_size=8960,
+                         layers=4, heads=16, kv_heads=8, experts=8, top_k=2, seq_len=512, batch_size=32, steps=600,
+                         lr=6e-4, warmup=50, eval_windows=128, tokenizer_chars=20_000_000, device="cuda",
+                         save_dtype="bfloat16"),
+}
+
+
+def get_preset(name: str, **overrides) -> TrainPreset:
+    if name not in TRAIN_PRESETS:
+        from .models import did_you_mean
+        raise BadInput(f"unknown training preset {name!r}{did_you_mean(name, TRAIN_PRESETS)}; "
+                       f"allowed: {', '.join(TRAIN_PRESETS)}")
+    known = {f.name for f in dataclasses.fields(TrainPreset)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise BadInput(f"training preset has no setting {bad[0]!r}; settings: {', '.join(sorted(known))}")
+    return dataclasses.replace(TRAIN_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: tokenizer, token streams, batches.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(docs: list[Doc], vocab_size: int, max_chars: int):
+    """A byte-level BPE (GPT-2 style) trained on the first max_chars of the training documents."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+
+    def texts():
+        seen = 0
+        for d in docs:
+            if seen >= max_chars:
+                return
+            seen += len(d.text)
+            yield d.text
+
+    tok.train_from_iterator(texts(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, model_max_length=1 << 20)
+
+
+def encode(tokenizer, docs: list[Doc], max_tokens: int | None = None) -> torch.Tensor:
+    """Documents as one token stream, each followed by EOS; stops once max_tokens are reached. [N] int64."""
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    ids: list[int] = []
+    fast = tokenizer.backend_tokenizer
+    for start in range(0, len(docs), 64):
+        for enc in fast.encode_batch([d.text for d in docs[start:start + 64]], add_special_tokens=False):
+            ids.extend(enc.ids)
+            ids.append(eos)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows [W, seq_len] of a token stream."""
+    n = stream.numel() // seq_len
+    if n == 0:
+        raise BadInput(f"the corpus gives {stream.numel()} tokens, fewer than one window of {seq_len}")
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def shuffled(docs: list[Doc], seed: int) -> list[Doc]:
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [docs[i] for i in order]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training and evaluation.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    metrics: dict = field(default_factory=dict)
+
+
+def lr_at(step: int, p: TrainPreset) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < p.warmup:
+        return p.lr * (step + 1) / p.warmup
+    frac = (step - p.warmup) / max(1, p.steps - p.warmup)
+    return p.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train(preset: str | TrainPreset = "tiny", corpus: str | Path | Corpus | None = None, out: str | Path | None = None,
+          seed: int = 0, device: str | None = None, progress: bool = True, **overrides) -> TrainResult:
+    """Train a checkpoint and save it (model, tokenizer, training.json) to `out`. Returns its metrics.
+
+    `overrides` replace fields of the preset (e.g. steps=5, hidden_size=64 for a quick check)."""
+    p = preset if isinstance(preset, TrainPreset) else get_preset(preset, **overrides)
+    dev = torch.device(device or p.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"preset needs a CUDA GPU (device {str(dev)!r}) and none is available; train it on a GPU "
+                       "machine or pass device='cpu' with smaller sizes")
+    corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
+    out = Path(out) if out else default_out_dir(p, seed, corpus)
+    t_begin = time.perf_counter()
+    torch.manual_seed(seed)
+    threads_before = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(p.cpu_threads)
+    try:
+        return _train(p, corpus, out, seed, dev, progress, t_begin)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(p: TrainPreset, corpus: Corpus, out: Path, seed: int, dev: torch.device, progress: bool,
+           t_begin: float) -> TrainResult:
+    train_docs, held_docs = corpus.split()
+    if not held_docs:  # a tiny corpus: hold out its last document so the held-out loss still exists
+        train_docs, held_docs = train_docs[:-1], train_docs[-1:]
+    if not train_docs:
+        raise BadInput(f"corpus {corpus.name!r} has {len(corpus.docs)} document(s); training needs at least two")
+    train_docs = shuffled(train_docs, seed)
+    _log(progress, f"corpus {corpus.name}: {len(train_docs)} train docs, {len(held_docs)} held-out docs, "
+                   f"{corpus.chars / 1e6:.1f}M chars")
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(train_docs, p.vocab_size, p.tokenizer_chars)
+    t_tok = time.perf_counter() - t0
+    needed = p.steps * p.tokens_per_step
+    train_stream = encode(tokenizer, train_docs, max_tokens=needed + p.seq_len)
+    held_stream = encode(tokenizer, held_docs, max_tokens=p.eval_windows * p.seq_len)
+    train_w, held_w = windows(train_stream, p.seq_len), windows(held_stream, p.seq_len)
+    _log(progress, f"tokenizer: BPE {len(tokenizer)} in {t_tok:.1f}s; {train_stream.numel()} train tokens "
+                   f"({needed / train_stream.numel():.2f} epochs), {held_w.numel()} held-out tokens")
+
+    config = p.model_config()
+    config.vocab_size = len(tokenizer)
+    model = _build(config, seed).to(dev).train()
+    decay = [q for q in model.parameters() if q.dim() >= 2]
+    no_decay = [q for q in model.parameters() if q.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=p.lr, betas=(0.9, 0.95),
+                            **({"fused": True} if dev.type == "cuda" else {}))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    order = torch.randperm(train_w.shape[0], generator=gen)
+    cursor, losses = 0, []
+    bar = _bar(p.steps, progress)
+    _sync(dev)
+    t_train = time.perf_counter()
+    for step in range(p.steps):
+        if cursor + p.batch_size > len(order):  # next epoch
+            order, cursor = torch.randperm(train_w.shape[0], generator=gen), 0
+        x = train_w[order[cursor:cursor + p.batch_size]].to(dev, non_blocking=True)  # [B, T]
+        cursor += p.batch_size
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, p)
+        with autocast:
+            res = model(input_ids=x, labels=x, output_router_logits=True)  # loss = LM loss + coef * balance
+        res.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == p.steps - 1:
+            lm = (res.loss - p.aux_coef * res.aux_loss).item()  # .item() syncs, so tokens/s is honest
+            losses.append((step, round(lm, 4)))
+            rate = (step + 1) * p.tokens_per_step / (time.perf_counter() - t_train)
+            bar.set_postfix(loss=f"{lm:.3f}", aux=f"{res.aux_loss.item():.3f}", tok_s=f"{rate:,.0f}")
+        bar.update(1)
+    _sync(dev)
+    train_s = time.perf_counter() - t_train
+    bar.close()
+
+    metrics = evaluate(model, held_w, train_stream, p, dev)
+    metrics.update(preset=dataclasses.asdict(p), seed=seed, device=str(dev),
+                   device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                   torch_threads=torch.get_num_threads(), corpus=corpus.name, corpus_fingerprint=corpus.fingerprint,
+                   train_docs=len(train_docs), heldout_docs=len(held_docs), train_tokens_seen=p.steps * p.tokens_per_step,
+                   train_tokens_distinct=int(train_stream.numel()), heldout_tokens=int(held_w.numel()),
+                   train_seconds=round(train_s, 1), train_tokens_per_s=round(p.steps * p.tokens_per_step / train_s),
+                   tokenizer_seconds=round(t_tok, 1), params=sum(q.numel() for q in model.parameters()),
+                   loss_curve=losses, format_version=FORMAT_VERSION,
+                   torch_version=torch.__version__, transformers_version=_tf_version())
+    _save(model, tokenizer, metrics, out, p)
+    metrics["wall_seconds"] = round(time.perf_counter() - t_begin, 1)
+    (out / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _log(progress, summary(metrics))
+    return TrainResult(out, metrics)
+
+
+@torch.no_grad()
+def evaluate(model, held_w: torch.Tensor, train_stream: torch.Tensor, p: TrainPreset, dev) -> dict:
+    """Held-out LM loss (no balance term), the unigram baseline of the tokenizer, and routing statistics."""
+    model.eval()
+    V = model.config.vocab_size
+    E = p.experts
+    usage = None  # [L, E] tokens routed per expert
+    router_entropy = None  # [L] sum over tokens of the router distribution's entropy
+    total_loss, total_tokens = 0.0, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    for start in range(0, held_w.shape[0], 8):
+        x = held_w[start:start + 8].to(dev)
+        with autocast:
+            out = model(input_ids=x, labels=x, output_router_logits=True)
+        n = x.shape[0] * (x.shape[1] - 1)
+        total_loss += (out.loss - p.aux_coef * out.aux_loss).item() * n
+        total_tokens += n
+        logits = torch.stack([r.float().reshape(-1, E) for r in out.router_logits])  # [L, N, E]
+        top = logits.topk(p.top_k, dim=-1).indices  # [L, N, K]
+        counts = torch.zeros(logits.shape[0], E, device=dev).scatter_add_(
+            1, top.reshape(logits.shape[0], -1), torch.ones(top.reshape(logits.shape[0], -1).shape, device=dev))
+        probs = logits.softmax(-1)
+        ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1).sum(-1)  # [L]
+        usage = counts if usage is None else usage + counts
+        router_entropy = ent if router_entropy is None else router_entropy + ent
+    held_loss = total_loss / total_tokens
+
+    # Unigram baseline: held-out targets scored by token frequencies of the training stream (add-one smoothed).
+    freq = torch.bincount(train_stream, minlength=V).double() + 1
+    logp = (freq / freq.sum()).log()
+    targets = held_w[:, 1:].reshape(-1)
+    unigram = -logp[targets].mean().item()
+
+    share = (usage / usage.sum(-1, keepdim=True)).cpu()  # [L, E]
+    usage_entropy = -(share * share.clamp_min(1e-12).log()).sum(-1)
+    n_tokens = held_w.numel()
+    return dict(heldout_loss=round(held_loss, 4), heldout_perplexity=round(math.exp(held_loss), 2),
+                unigram_loss=round(unigram, 4), unigram_perplexity=round(math.exp(unigram), 2),
+                expert_usage_entropy=[round(v, 4) for v in usage_entropy.tolist()],
+                router_entropy_per_token=[round(v / n_tokens, 4) for v in router_entropy.cpu().tolist()],
+                entropy_max=round(math.log(E), 4),
+                expert_usage_share=[[round(v, 4) for v in row] for row in share.tolist()])
+
+
+def summary(m: dict) -> str:
+    lines = [f"held-out loss {m['heldout_loss']:.3f} (perplexity {m['heldout_perplexity']:.1f}) vs unigram baseline "
+             f"{m['unigram_loss']:.3f} (perplexity {m['unigram_perplexity']:.1f})",
+             f"training: {m['train_tokens_seen']:,} tokens in {m['train_seconds']:.0f}s, "
+             f"{m['train_tokens_per_s']:,} tokens/s on {m['device_name']}",
+             f"expert usage entropy per layer (max {m['entropy_max']:.3f}): "
+             + " ".join(f"{v:.3f}" for v in m["expert_usage_entropy"]),
+             "router entropy per token per layer (uniform routing = max): "
+             + " ".join(f"{v:.3f}" for v in m["router_entropy_per_token"])]
+    return "\n".join(lines)
+
+
+def _build(config, seed: int) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _save(model, tokenizer, metrics: dict, out: Path, p: TrainPreset) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.output_router_logits = False
+    model.to(getattr(torch, p.save_dtype)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The per-machine cache: trained once, found by a hash of everything that determines the weights.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    env = os.environ.get("SPECMOE_BENCH_CACHE")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "specmoe-bench"
+    return root / "models"
+
+
+def checkpoint_key(p: TrainPreset, seed: int, corpus: Corpus) -> str:
+    blob = json.dumps([dataclasses.asdict(p), seed, corpus.fingerprint, FORMAT_VERSION], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def default_out_dir(p: TrainPreset, seed: int, corpus: Corpus) -> Path:
+    name = next((k for k, v in TRAIN_PRESETS.items() if v == p), "custom")
+    return cache_root() / f"{name}-{checkpoint_key(p, seed, corpus)}"
+
+
+def cached_checkpoint(name: str, seed: int = 0, corpus: Corpus | None = None) -> Path:
+    """Where the cached checkpoint of a preset would be (it may not exist yet)."""
+    return default_out_dir(get_preset(name), seed, corpus or load_corpus(None))
+
+
+def trained_checkpoint(name: str, seed: int = 0, progress: bool = True) -> Path:
+    """The cached checkpoint of a preset, trained now if missing. Two processes asking at once train it once:
+    a file lock serialises them and the checkpoint appears by an atomic rename of a finished directory."""
+    from filelock import FileLock
+    p = get_preset(name)
+    corpus = load_corpus(None)
+    final = default_out_dir(p, seed, corpus)
+    if (final / "training.json").is_file():
+        return final
+    if p.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"model {name!r} is not trained on this machine yet and training it needs a CUDA GPU; "
+                       f"run `specmoe-bench model train --preset {name}` on a GPU machine, or use 'tiny'")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):
+        if (final / "training.json").is_file():  # another process finished it while we waited
+            return final
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed run; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        _log(progress, f"training {name!r} once for this machine into {final}")
+        try:
+            train(p, corpus, tmp, seed=seed, progress=progress)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _NoBar:
+    def set_postfix(self, **kw):
+        pass
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, progress: bool):
+    if not progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="train", unit="step", file=sys.stderr, mininterval=1.0)
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _tf_version() -> str:
+    import transformers
+    return transformers.__version__
