@@ -23,8 +23,8 @@ setup: $(STAMP)  ## create .venv and install the project with its test tools
 test: $(STAMP)  ## run the test suite
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)  ## run the default matrix (GPU matrix on a CUDA machine, CPU matrix otherwise)
-	$(VENV)/bin/specmoe-bench run --default
+bench: $(STAMP)  ## run the default matrix (matrices/gpu.toml with CUDA, matrices/cpu.toml otherwise); prints the table and the run directory
+	$(VENV)/bin/specmoe-bench run --default $(BENCH_ARGS)
 
 bench-micro: $(STAMP)  ## pytest-benchmark micro-benchmarks of the hot paths
 	$(PY) -m pytest -q tests/micro --benchmark-only --benchmark-enable

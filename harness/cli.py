@@ -116,7 +116,11 @@ def _execute(m, results_dir: Path, run_id: str, save_outputs: bool, retry_failed
         click.echo("\n" + "\n".join(notes))
     if json_path is not None:
         rows = compare_rows(results, meta["engines"][0], rundir.id)
-        Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
+        try:
+            Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
+        except OSError as exc:
+            raise BadInput(f"--json {json_path}: cannot be written ({exc.strerror or exc}); "
+                           f"every cell is saved in {rundir.path}") from None
         click.echo(f"rows: {json_path}")
     failed = sum(r.status == "failed" for r in results)
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped")}
@@ -245,6 +249,9 @@ def _coerce_option(engine: str, name: str, value: str):
               help="Weight dtype.")
 @click.option("--timeout-s", type=click.FloatRange(min=1), default=600.0, show_default=True,
               help="A cell's process is killed after this many seconds and the cell recorded as failed.")
+@click.option("--cpu-threads", type=click.IntRange(min=1), default=None,
+              help="torch threads in each cell process (default: torch's choice). 1 keeps small CPU runs steady on "
+                   "a busy machine.")
 @click.option("--option", "options", multiple=True, metavar="ENGINE.KEY=VALUE",
               help="An engine option, e.g. lru.capacity=50%; repeatable. `list engines` shows the options.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -254,8 +261,8 @@ def _coerce_option(engine: str, name: str, value: str):
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; only the final table.")
 @results_dir_option
 def compare(engines, models, batch_sizes, hardware, workload, prompt_len, max_new_tokens, iterations,
-            min_duration_s, warmup, model_layers, dtype, timeout_s, options, json_path, run_id, save_outputs, quiet,
-            results_dir):
+            min_duration_s, warmup, model_layers, dtype, timeout_s, cpu_threads, options, json_path, run_id,
+            save_outputs, quiet, results_dir):
     """Run ENGINES on the same cells and print one table, engines side by side, each metric with its ratio to
     the first engine listed. The cells are stored as a run under RESULTS_DIR like any other run."""
     from engines.registry import parse_engine_list
@@ -268,7 +275,8 @@ def compare(engines, models, batch_sizes, hardware, workload, prompt_len, max_ne
     cells = [CellConfig(engine=e, model=mdl, batch_size=b, hardware=hw, workload=workload,
                         engine_options=dict(opts.get(e, {})), model_layers=model_layers, dtype=dtype,
                         prompt_len=prompt_len, max_new_tokens=max_new_tokens, warmup=warmup,
-                        min_iterations=iterations, min_duration_s=min_duration_s, timeout_s=timeout_s)
+                        min_iterations=iterations, min_duration_s=min_duration_s, timeout_s=timeout_s,
+                        cpu_threads=cpu_threads)
              for mdl in (models or (default_model(),)) for hw in (hardware or (default_hardware(),))
              for b in bs for e in names]
     matrix_mod.validate_cells(cells, "compare")

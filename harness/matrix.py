@@ -68,7 +68,7 @@ def check_setting(where: str, key: str, value):
                        f"got {_type_name(value)} {value!r}")
     if key == "dtype" and value not in ("float32", "float16", "bfloat16"):
         raise BadInput(f"{where}: dtype {value!r} is not one of float32, float16, bfloat16")
-    positive = {"prompt_len", "max_new_tokens", "min_iterations", "model_layers", "timeout_s"}
+    positive = {"prompt_len", "max_new_tokens", "min_iterations", "model_layers", "timeout_s", "cpu_threads"}
     if key in positive and value <= 0:
         raise BadInput(f"{where}: {key} must be greater than 0, got {value!r}")
     if key in {"warmup", "min_duration_s", "temperature", "seed"} and value < 0:

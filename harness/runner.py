@@ -179,6 +179,8 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
 
     from .metrics import compute
 
+    if cell.cpu_threads:
+        torch.set_num_threads(cell.cpu_threads)
     hw = HardwareProfile.parse(cell.hardware)
     settings = _settings(cell)
     engine = registry.create(cell.engine, **cell.engine_options)

@@ -32,6 +32,7 @@ class CellConfig:
     min_iterations: int = 3  # measured generate calls: at least this many ...
     min_duration_s: float = 0.0  # ... and at least this long in total
     timeout_s: float = 600.0  # the cell's process is killed after this
+    cpu_threads: int | None = None  # torch intra-op threads in the cell process (None: torch's default)
 
     def key(self) -> str:
         """Stable identity of the cell inside a run (used for resume and for matching cells across runs)."""

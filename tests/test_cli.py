@@ -28,7 +28,8 @@ def compared(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-m", "harness.cli", "compare", "--engines", "specmoe,offload",
                           "--model", "tiny-mixtral-random", "--batch-sizes", "1,2", "--max-new-tokens", "6",
-                          "--prompt-len", "8", "--iterations", "1", "--warmup", "0", "--json", str(tmp / "out.json"),
+                          "--prompt-len", "8", "--iterations", "1", "--warmup", "0", "--cpu-threads", "1",
+                          "--json", str(tmp / "out.json"),
                           "--run-id", "cmp", "--results-dir", str(tmp / "runs"), "--save-outputs"],
                          env=env, capture_output=True, text=True, timeout=600)
     return tmp, out

@@ -68,6 +68,7 @@ def write_matrix(path: Path, engines, batch_sizes=(1,), timeout_s=300) -> Path:
         warmup = 0
         min_iterations = 1
         timeout_s = {timeout_s}
+        cpu_threads = 1
         """))
     return path
 
