@@ -310,9 +310,8 @@ def list_cmd(what):
     elif what == "workloads":
         from .runner import BUILTIN_WORKLOADS
         extra = _workloads_rows("list_workloads_rows")
-        rows = [{"workload": k, "description": v} for k, v in BUILTIN_WORKLOADS.items()]
-        if extra:
-            rows += [r for r in extra if not (isinstance(r, dict) and r.get("name", r.get("workload")) in BUILTIN_WORKLOADS)]
+        rows = [{"name": k, "source": "builtin", "description": v} for k, v in BUILTIN_WORKLOADS.items()]
+        rows += [r for r in extra or [] if isinstance(r, dict) and r.get("name") not in BUILTIN_WORKLOADS]
         click.echo(_rows_table(rows, None))
     else:
         import torch

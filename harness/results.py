@@ -244,7 +244,7 @@ def render_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _numeric(text) -> bool:
-    return bool(re.match(r"^-?[0-9.]+", str(text)))
+    return bool(re.fullmatch(r"-?[0-9][0-9.]*(e[+-]?[0-9]+)?( (B|KiB|MiB|GiB))?( \([0-9.]+x\))?", str(text)))
 
 
 def comparison_table(results: list[CellResult], engines: list[str] | None = None) -> str:
