@@ -133,3 +133,22 @@ def test_unwritable_results_dir(tmp_path, capsys):
     (tmp_path / "f").write_text("")
     code, _, err = run_main(["run", str(m), "--results-dir", str(tmp_path / "f" / "runs")], capsys)
     assert code == 2 and "cannot be written" in err
+
+
+def test_resume_skips_finished_cells_without_starting_them(tmp_path, capsys):
+    from dataclasses import asdict
+
+    from harness.results import RunDir
+    from harness.schema import CellConfig, CellResult, Metrics
+    cfgs = [CellConfig(engine=e, model="tiny-mixtral-random", batch_size=1, hardware="cpu") for e in ("offload", "lru")]
+    run = RunDir.create(tmp_path / "runs", "old")
+    run.write_meta({"cells": [asdict(c) for c in cfgs], "engines": ["offload", "lru"]})
+    for c, status in zip(cfgs, ("ok", "failed")):
+        run.write_cell(CellResult(config=c, status=status, valid=status == "ok", error="boom" if status != "ok" else None,
+                                  metrics=Metrics(tokens_per_s=5.0) if status == "ok" else Metrics()))
+    before = {p: p.stat().st_mtime_ns for p in run.cells_dir.iterdir()}
+    code, out, err = run_main(["run", "--resume", "old", "--results-dir", str(tmp_path / "runs")], capsys)
+    assert code == 1  # the failed cell stays failed (finished); --retry-failed would run it again
+    assert err.count("already finished, skipped") == 2
+    assert {p: p.stat().st_mtime_ns for p in run.cells_dir.iterdir()} == before
+    assert "failed: boom" in out
