@@ -285,6 +285,9 @@ def render_markdown(comp: Comparison, threshold: float) -> str:
     if comp.only_candidate:
         lines.append(f"note: {len(comp.only_candidate)} cell(s) only in the candidate: "
                      f"{', '.join(comp.only_candidate)}")
+    if any(r.flagged and r.note.startswith("deterministic") for r in comp.rows):
+        lines.append("note: a deterministic metric changed; if the change is intended (the engine or the workload "
+                     "changed on purpose), record a new baseline (results/baselines/README.md says how)")
     lines.append(f"result: {'REGRESSION' if comp.failed else 'no regression'} ({n_flag} flagged)")
     return "\n".join(lines).lstrip("\n") + "\n"
 
