@@ -287,9 +287,8 @@ def comparison_table(results: list[CellResult], engines: list[str] | None = None
 
 
 def _status_note(r: CellResult) -> str:
-    if r.status == "ok":
-        return "" if r.valid else ""
-    return f"{r.status}: {(r.error or '')[:60]}"
+    """Empty for a measured cell; otherwise a short word for the table (the reason is listed under it)."""
+    return "" if r.status == "ok" else f"{r.status} (see below)"
 
 
 def invalid_notes(results: list[CellResult]) -> list[str]:

@@ -154,7 +154,7 @@ def measure_cell(cell: CellConfig, run_dir: Path | None = None, save_outputs: bo
     try:
         result.environment = environment()
         _measure(cell, result, run_dir, save_outputs)
-    except EngineUnavailable as exc:
+    except (EngineUnavailable, BadInput) as exc:  # cannot run here, or not in this combination (resident + budget)
         result.status, result.valid, result.error = "skipped", False, str(exc)
         result.invalid_reason = "skipped: " + str(exc)
     except BaseException as exc:  # noqa: BLE001 - MemoryError and friends are a cell failure too
