@@ -208,3 +208,17 @@ def test_load_run_round_trips(tmp_path):
 
 if __name__ == "__main__":
     pytest.main([__file__])
+
+
+def test_committed_cpu_baseline_covers_the_ci_matrix():
+    """.ci/run checks matrices/ci.toml against results/baselines/cpu: a matrix edited without recording a new
+    baseline would leave cells unmatched, so it fails here first."""
+    from harness.matrix import load
+    root = Path(__file__).resolve().parent.parent
+    cells = load(root / "matrices" / "ci.toml", check_hardware=False).cells
+    baseline = load_run(root / "results" / "baselines" / "cpu")
+    assert sorted(c.key() for c in cells) == sorted(r.config.key() for r in baseline)
+    assert all(r.status == "ok" and r.config.hardware == "cpu" for r in baseline)
+    assert all(len(r.samples["tokens_per_s"]) >= 4 for r in baseline)  # enough for Mann-Whitney U
+    # the CI cells must be deterministic in what regress compares exactly (adaptive speculation follows timings)
+    assert all(r.config.engine_options.get("adaptive") is False for r in baseline if r.config.engine == "specmoe")
