@@ -18,38 +18,46 @@ def model_group():
 
 
 @model_group.command("train")
-@click.option("--preset", default="tiny", show_default=True, help="tiny (2 CPU cores, ~3 min) or small (one H200, ~5 min)")
+@click.option("--preset", default="tiny", show_default=True,
+              help="tiny (2 CPU cores, ~3 min) or small (one H200, ~3 min)")
 @click.option("--corpus", default=None, help="folder of text files, a .txt, or a .json/.jsonl/.parquet/.csv file with "
               "a 'text' column; default: the Python standard library on this machine")
-@click.option("--out", default=None, help="output directory; default: the per-machine cache that --model tiny|small uses")
+@click.option("--out", default=None,
+              help="output directory; default: the per-machine cache that --model tiny|small uses")
 @click.option("--arch", default=None, type=click.Choice(["mixtral", "qwen2_moe"]),
               help="model family (default mixtral; qwen2_moe adds a shared expert)")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--steps", default=None, type=int, help="override the preset's optimizer steps")
 @click.option("--device", default=None, help="cpu or cuda; default: the preset's (tiny: cpu, small: cuda)")
+@click.option("--time-limit", "time_limit", default=None, type=float,
+              help="stop training after this many seconds (a safety net on a rented machine; the result then "
+                   "depends on the machine's speed and training.json records the step)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def train_cmd(preset, corpus, out, arch, seed, steps, device, quiet):
+def train_cmd(preset, corpus, out, arch, seed, steps, device, time_limit, quiet):
     """Train a MoE causal LM and its byte-level BPE tokenizer; save them with training.json (held-out loss,
     perplexity, unigram baseline, expert usage entropy)."""
     from .train import cached_checkpoint, train, trained_checkpoint
     try:
-        default_run = corpus is None and out is None and arch is None and steps is None and device is None and seed == 0
+        default_run = (corpus, out, arch, steps, device, time_limit) == (None,) * 6 and seed == 0
         if default_run:  # the exact checkpoint --model tiny|small loads: train into the cache (once, locked)
             cached = cached_checkpoint(preset)
-            if (cached / "training.json").is_file():
+            already = (cached / "training.json").is_file()
+            path = cached if already else trained_checkpoint(preset, progress=not quiet)
+            if already:
                 click.echo(f"already trained: {cached}")
-                path = cached
-            else:
-                path = trained_checkpoint(preset, progress=not quiet)
             metrics = json.loads((path / "training.json").read_text())
         else:
+            already = False
             result = train(preset, corpus=corpus, out=out, seed=seed, device=device, progress=not quiet,
-                           arch=arch, steps=steps)
+                           time_limit_s=time_limit, arch=arch, steps=steps)
             path, metrics = result.path, result.metrics
     except BadInput as exc:
         raise _usage(exc) from None
     from .train import summary
-    click.echo(summary(metrics))
+    if already or quiet:  # a training run with progress has printed its summary already
+        click.echo(summary(metrics))
+    if "stopped_early_at_step" in metrics:
+        click.echo(f"stopped by --time-limit after {metrics['stopped_early_at_step']} steps")
     click.echo(f"saved: {path}")
 
 
@@ -74,8 +82,8 @@ def info_cmd(name, layers, dtype, build):
             m = load_model(name, dtype=dt, layers=layers)
             from engines.runtime import find_experts_modules
             experts = find_experts_modules(m.model)
-            per = [sum(p.nbytes for p in mod.parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == mod.num_experts)
-                   for _, mod in experts]
+            per = [sum(p.nbytes for p in mod.parameters(recurse=False)
+                       if p.dim() >= 2 and p.shape[0] == mod.num_experts) for _, mod in experts]
             row = dict(name=name, source=m.source, layers=f"{m.layers_loaded}/{m.layers_total}",
                        moe_layers=len(experts), experts_per_layer=experts[0][1].num_experts,
                        expert_bytes=per[0] // experts[0][1].num_experts, total_expert_bytes=sum(per),
@@ -90,11 +98,13 @@ def list_models_rows() -> list[dict]:
     """One row per built-in model name: name, source, description, sizes (expert bytes in bf16 for presets)."""
     from .models import SYNTHETIC, TRAINED
     from .presets import PRESETS, preset_config, shape_report
-    from .train import TRAIN_PRESETS, cache_root
+    from .corpus import load_corpus
+    from .train import TRAIN_PRESETS, default_out_dir
     rows = []
+    corpus = load_corpus(None)
     for name in TRAINED:
         p = TRAIN_PRESETS[name]
-        trained = sorted(cache_root().glob(f"{name}-*/training.json")) if cache_root().is_dir() else []
+        trained = (default_out_dir(p, 0, corpus) / "training.json").is_file()
         status = "cached on this machine" if trained else ("trains on first use" if p.device == "cpu" else
                                                            "train on a GPU: specmoe-bench model train --preset small")
         per_expert = 3 * p.hidden_size * p.intermediate_size * (4 if p.save_dtype == "float32" else 2)
@@ -111,7 +121,8 @@ def list_models_rows() -> list[dict]:
         b = r.bytes()
         rows.append(dict(name=name, source="synthetic", description=preset.description,
                          sizes=f"{r.total_params / 1e9:.1f}B params; {r.moe_layers} MoE layers x {r.experts_per_layer}"
-                               f" experts, expert {_fmt(b['expert_bytes'])}, all experts {_fmt(b['total_expert_bytes'])}"
+                               f" experts, expert {_fmt(b['expert_bytes'])},"
+                               f" all experts {_fmt(b['total_expert_bytes'])}"
                                f" (bf16); use --layers K"))
     return rows
 

@@ -93,7 +93,8 @@ class ShapeReport:
     def bytes(self, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
         size = torch.empty(0, dtype=dtype).element_size()
         return dict(expert_bytes=self.params_per_expert * size, total_expert_bytes=self.expert_params * size,
-                    total_bytes=self.total_params * size, non_expert_bytes=(self.total_params - self.expert_params) * size)
+                    total_bytes=self.total_params * size,
+                    non_expert_bytes=(self.total_params - self.expert_params) * size)
 
 
 def shape_report(config: PretrainedConfig) -> ShapeReport:

@@ -8,7 +8,6 @@ name works when the hub is reachable and fails fast with one line when it is not
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from engines.errors import BadInput
