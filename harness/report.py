@@ -199,18 +199,18 @@ def timeline_figure(path: Path, r: CellResult, tl: dict[str, list[float]]) -> bo
         ax = axes[ax_i][0]
         ax_i += 1
         for k, v in sorted(rates.items()):
-            ax.plot(t, [None if x is None else x / 1e9 for x in v], label=k.replace("_bytes_per_s", ""))
+            ax.plot(t, [math.nan if x is None else x / 1e9 for x in v], label=k.replace("_bytes_per_s", ""))
         ax.set_ylabel("bandwidth (GB/s)")
-        ax.set_xlabel("time since the cell's first measured iteration (s)")
+        ax.set_xlabel("time since the measured region began (s)")
         ax.legend(fontsize=8)
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0)
     if pcts:
         ax = axes[ax_i][0]
         for k, v in sorted(pcts.items()):
-            ax.plot(t, v, label=k.replace("_pct", ""))
+            ax.plot(t, [math.nan if x is None else x for x in v], label=k.replace("_pct", ""))
         ax.set_ylabel("utilisation (%)")
-        ax.set_xlabel("time since the cell's first measured iteration (s)")
+        ax.set_xlabel("time since the measured region began (s)")
         ax.set_ylim(0, 100)
         ax.legend(fontsize=8)
         ax.grid(True, alpha=0.3)
@@ -343,6 +343,9 @@ def _timeline_blocks(ok: list[CellResult], out: Path, nvml_cell: str | None) -> 
     elif with_tl:
         # default: the largest batch of the full system, else of any engine
         cell = max(with_tl, key=lambda r: (r.config.engine == "specmoe", r.config.batch_size))
+    elif any(nvml_value(r, "samples") for r in ok):
+        return [Block("note", "NVML bandwidth over time: this run kept NVML summaries only, no readings over time "
+                              "(the tracker's keep_trace was off), so nothing is drawn")]
     else:
         return [Block("note", f"NVML bandwidth over time: {NO_NVML}")]
     drawn = timeline_figure(out / "nvml_timeline.png", cell, nvml_timeline(cell))

@@ -18,7 +18,7 @@ def gpu_cells():
             c.metrics.nvml["timeline"] = {"t_s": [0.1 * i for i in range(50)],
                                           "pcie_rx_bytes_per_s": [2e10 + 1e9 * (i % 5) for i in range(50)],
                                           "pcie_tx_bytes_per_s": [1e8] * 50,
-                                          "sm_util_pct": [60 + i % 7 for i in range(50)]}
+                                          "sm_util_pct": [None] + [60 + i % 7 for i in range(49)]}
     return cells
 
 
@@ -66,6 +66,17 @@ def test_gpu_run_draws_energy_speculation_and_nvml_timeline(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "NVML bandwidth over time for specmoe-tiny-mixtral-random-float32-b4-cuda" in md
     assert "**Energy per output token (J)**" in md and "no NVML" not in md
+
+
+def test_gpu_run_with_nvml_summaries_but_no_timeline_says_so(tmp_path):
+    cells = gpu_cells()
+    for c in cells:
+        c.metrics.nvml.pop("timeline", None)
+        c.metrics.nvml["samples"] = 120
+    run = write_run(tmp_path, "gpu-run", cells)
+    assert run_cli(run).exit_code == 0
+    md = (run / "report" / "report.md").read_text()
+    assert "kept NVML summaries only, no readings over time" in md and "energy_per_token.png" in md
 
 
 def test_chosen_nvml_cell_without_readings_says_so(tmp_path):
