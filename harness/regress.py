@@ -254,7 +254,7 @@ def fmt_value(v) -> str:
         return "yes" if v else "no"
     if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1000):
         return f"{int(v):,}"
-    return f"{v:.4g}"
+    return f"{v:,.1f}" if abs(v) >= 1000 else f"{v:.4g}"
 
 
 def render_markdown(comp: Comparison, threshold: float) -> str:
