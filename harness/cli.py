@@ -187,6 +187,11 @@ def default_model() -> str:
     return "tiny" if "tiny" in known_models() else "tiny-mixtral-random"
 
 
+def default_workload() -> str:
+    from .runner import workload_names
+    return "code-heldout" if "code-heldout" in workload_names() else "synthetic-ids"
+
+
 def default_hardware() -> str:
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -232,7 +237,9 @@ def _coerce_option(engine: str, name: str, value: str):
 @click.option("--batch-sizes", default="1,8", show_default=True, metavar="N,N,...", help="Batch sizes to run.")
 @click.option("--hardware", "hardware", multiple=True, metavar="SPEC",
               help="cpu, cuda, cuda:N or cuda:budget=24GiB; repeat for several. Default: cuda if present, else cpu.")
-@click.option("--workload", default="synthetic-ids", show_default=True, help="Prompt set (see `list workloads`).")
+@click.option("--workload", default=None,
+              help="Prompt set (see `list workloads`). Default: code-heldout (held-out source code, real text for the "
+                   "trained models), synthetic-ids where the workloads module is absent.")
 @click.option("--prompt-len", type=click.IntRange(min=1), default=32, show_default=True,
               help="Prompt length in tokens.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
@@ -269,6 +276,7 @@ def compare(engines, models, batch_sizes, hardware, workload, prompt_len, max_ne
 
     names = parse_engine_list(engines)
     bs = parse_batch_sizes(batch_sizes)
+    workload = workload or default_workload()
     opts = parse_options(options, names)
     if json_path is not None:
         check_writable(json_path)

@@ -151,4 +151,4 @@ def test_resume_skips_finished_cells_without_starting_them(tmp_path, capsys):
     assert code == 1  # the failed cell stays failed (finished); --retry-failed would run it again
     assert err.count("already finished, skipped") == 2
     assert {p: p.stat().st_mtime_ns for p in run.cells_dir.iterdir()} == before
-    assert "failed: boom" in out
+    assert "failed (see below)" in out and "lru-tiny-mixtral-random-float32-b1-cpu-synthetic-ids-p32-n32-s0: boom" in out
