@@ -229,6 +229,8 @@ def fmt(v: float | None, how: str = "g") -> str:
         return "-"
     if how == "x":
         return f"{v:.2f}x"
+    if how == "2f":
+        return f"{v:.2f}"
     if how == "pct":
         return f"{v:.1%}"
     if how == "bytes":
@@ -318,9 +320,12 @@ def build_report(run: Path, cells: list[CellResult], meta: dict, out: Path, nvml
     blocks.append(Block("h2", "Tables"))
     for panel in sorted(tps.keys() | bpt.keys()):
         blocks.append(Block("h3", panel))
+        headline = summary_table(panel, tps, sp, bpt, tpstep, match)
+        if headline:
+            blocks.append(headline)
         for title, pts, how in [("Output tokens/s", tps, "g"), (f"Speedup over {REFERENCE_ENGINE}", sp, "x"),
                                 ("Host-to-device bytes per output token", bpt, "bytes"),
-                                ("Expert hit rate", hit, "pct"), ("Tokens per step per sequence", tpstep, "g"),
+                                ("Expert hit rate", hit, "pct"), ("Tokens per step per sequence", tpstep, "2f"),
                                 ("Acceptance rate", acc, "pct"), ("TTFT (ms)", ttft, "g"),
                                 ("TPOT p50 (ms)", tpot, "g"), ("Exact match with `resident`", match, "pct"),
                                 ("Energy per output token (J)", energy, "g")]:
@@ -328,6 +333,28 @@ def build_report(run: Path, cells: list[CellResult], meta: dict, out: Path, nvml
             if t:
                 blocks.append(Block("table", title, header=t[0], rows=t[1]))
     return blocks + _problem_blocks(cells)
+
+
+def summary_table(panel: str, tps: Points, sp: Points, bpt: Points, tpstep: Points, match: Points) -> Block | None:
+    """Every engine at the panel's largest batch size: the headline numbers side by side."""
+    series = tps.get(panel, {})
+    if not series:
+        return None
+    batch = max(b for pts in series.values() for b, _, _ in pts)
+
+    def at(pts: Points, name: str) -> float | None:
+        return next((v for b, v, _ in pts.get(panel, {}).get(name, []) if b == batch), None)
+
+    ref_bytes = at(bpt, REFERENCE_ENGINE)
+    rows = []
+    for name in sorted(series, key=_engine_rank):
+        nbytes = at(bpt, name)
+        vs_ref = None if nbytes is None or not ref_bytes else f"{nbytes / ref_bytes - 1:+.1%}"
+        rows.append([name, fmt(at(tps, name)), fmt(at(sp, name), "x") if name != REFERENCE_ENGINE else "1.00x",
+                     fmt(nbytes, "bytes"), vs_ref or "-", fmt(at(tpstep, name), "2f"), fmt(at(match, name), "pct")])
+    return Block("table", f"At batch size {batch}", rows=rows,
+                 header=["engine", "tokens/s", f"speedup over {REFERENCE_ENGINE}", "H2D bytes/token",
+                         f"bytes vs {REFERENCE_ENGINE}", "tokens/step", "exact match"])
 
 
 def _timeline_blocks(ok: list[CellResult], out: Path, nvml_cell: str | None) -> list[Block]:
@@ -396,7 +423,7 @@ def render_markdown(blocks: list[Block], out: Path) -> str:
 
 
 def _numeric(text: str) -> bool:
-    return text == "-" or text[:1].isdigit() or text[:1] == "-" and text[1:2].isdigit()
+    return text == "-" or text[:1].isdigit() or text[:1] in "-+" and text[1:2].isdigit()
 
 
 def _inline_md(text: str) -> str:

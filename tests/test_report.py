@@ -44,6 +44,10 @@ def test_cpu_run_writes_markdown_html_and_figures(tmp_path):
     assert table[0] == "| batch | offload | lru | specmoe |" and len(table) == 4
     assert all("| - " not in row for row in table[2:])
     assert "| accelerate-tiny-mixtral-random-float32-b1-cpu-synthetic-ids-p32-n32-s0 | skipped | RuntimeError: boom |" in md
+    # the headline table compares every engine at the largest batch
+    headline = md.split("**At batch size 4**")[1].split("\n\n")[1].splitlines()
+    assert [row.split(" | ")[0].strip("| ") for row in headline[2:]] == ["offload", "lru", "specmoe"]
+    assert 1.4 < float(headline[3].split(" | ")[2].rstrip("x")) < 1.6  # lru: 1.5x offload, give or take noise
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 3 and not re.search(r'src="(?!data:)', page)
 
