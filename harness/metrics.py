@@ -26,7 +26,7 @@ from .schema import Metrics
 
 # Per-iteration values kept in CellResult.samples (significance tests compare these across runs).
 SAMPLE_KEYS = ("tokens_per_s", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "e2e_latency_ms",
-               "h2d_bytes_per_token")
+               "tpot_ms_p50", "h2d_bytes_per_token")
 
 
 def _ratio(num, den) -> float | None:
@@ -68,6 +68,7 @@ def iteration_values(g: Generation) -> dict[str, float | None]:
         "e2e_latency_ms": e2e * 1e3,
         "h2d_bytes": stats.get("h2d_bytes"),
         "h2d_bytes_per_token": _ratio(stats.get("h2d_bytes"), out_tokens),
+        "tpot_ms_p50": percentile(tpot_samples_ms(g), 50),  # this iteration's median, for significance tests
     }
 
 

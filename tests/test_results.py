@@ -35,6 +35,7 @@ def test_metrics_of_plain_decoding():
     assert m.acceptance_rate is None and m.drafted_tokens is None and m.draft_time_ms is None
     assert m.peak_device_mem_bytes is None
     assert samples["tokens_per_s"] == pytest.approx([40.0, 40.0])
+    assert samples["tpot_ms_p50"] == pytest.approx([20.0, 20.0])
 
 
 def test_metrics_of_speculative_decoding():
