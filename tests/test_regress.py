@@ -199,6 +199,12 @@ def test_bad_threshold_and_missing_run(tmp_path):
     assert "no such directory" in one_error_line(run_cli("--baseline", base, "--candidate", tmp_path / "nope"))
 
 
+def test_every_metric_of_the_schema_has_a_direction():
+    from harness.regress import DIRECTION, NOT_COMPARED
+    from harness.schema import METRIC_FIELDS
+    assert set(DIRECTION) == set(METRIC_FIELDS) - NOT_COMPARED
+
+
 def test_load_run_round_trips(tmp_path):
     cells = matrix(seed=1)
     loaded = load_run(write_run(tmp_path, "r", cells))
