@@ -30,6 +30,8 @@ DIRECTION: dict[str, str] = {
     "peak_device_mem_bytes": "lower", "host_rss_bytes_max": "lower",
     "equivalent": "higher", "exact_match_rate": "higher", "teacher_forced_top1": "higher",
     "max_abs_logit_diff": "lower",
+    # NVML summary keys (harness.nvml), absent without an NVIDIA GPU
+    "nvml.joules_per_token": "lower", "nvml.power_w_mean": "lower",
 }
 # Counted by the engine, not timed: identical from run to run on the CPU, so compared exactly there.
 DETERMINISTIC_ON_CPU = {"h2d_bytes_per_token", "h2d_bytes", "h2d_copies", "expert_hit_rate", "tokens_per_step",
@@ -38,7 +40,8 @@ DETERMINISTIC_ON_CPU = {"h2d_bytes_per_token", "h2d_bytes", "h2d_copies", "exper
 ALWAYS_EXACT = {"equivalent"}  # a reference match lost is a regression on any hardware
 # Compared when no --metric is given.
 DEFAULT_METRICS = ["tokens_per_s", "decode_tokens_per_s", "ttft_ms", "tpot_ms_p50", "h2d_bytes_per_token",
-                   "expert_hit_rate", "tokens_per_step", "acceptance_rate", "equivalent", "exact_match_rate"]
+                   "expert_hit_rate", "tokens_per_step", "acceptance_rate", "equivalent", "exact_match_rate",
+                   "nvml.joules_per_token"]
 NOT_COMPARED = {"iterations", "first_divergence"}  # a count of the method, a list: no direction
 
 ALPHA = 0.05  # significance level of the two-sided Mann-Whitney U test
@@ -145,8 +148,15 @@ def check_metrics(names: list[str]) -> list[str]:
     return names
 
 
+def metric_value(r: CellResult, metric: str):
+    if metric.startswith("nvml."):
+        v = (r.metrics.nvml or {}).get(metric[5:])
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return getattr(r.metrics, metric)
+
+
 def compare_metric(cell: str, metric: str, base: CellResult, cand: CellResult, threshold: float) -> Row:
-    b, c = getattr(base.metrics, metric), getattr(cand.metrics, metric)
+    b, c = metric_value(base, metric), metric_value(cand, metric)
     if b is None or c is None:
         side = "both" if b is None and c is None else ("baseline" if b is None else "candidate")
         return Row(cell, metric, b, c, "absent", note=f"not measured in {side}")
@@ -293,6 +303,8 @@ def render_markdown(comp: Comparison, threshold: float) -> str:
 
 
 def unit_of(metric: str) -> str:
+    if metric.startswith("nvml."):
+        return {"nvml.joules_per_token": "J/token", "nvml.power_w_mean": "W"}.get(metric, "")
     if metric.endswith("_per_s"):
         return "tokens/s"
     if metric.endswith("_ms"):
