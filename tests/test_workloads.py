@@ -100,6 +100,8 @@ def test_hub_dataset_without_network_fails_fast_with_one_line():
     with pytest.raises(BadInput, match="hub cannot be reached") as err:
         load_workload("someorg/somedataset", None, vocab_size=256)
     assert time.perf_counter() - t0 < 15 and "\n" not in str(err.value)
+    with pytest.raises(BadInput, match="hub cannot be reached"):
+        check_workload("someorg/somedataset")  # before any model is loaded
 
 
 def test_corpus_bad_input(tmp_path):

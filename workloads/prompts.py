@@ -62,6 +62,7 @@ def check_workload(name: str) -> None:
         from .models import did_you_mean
         raise BadInput(f"unknown workload {name!r}{did_you_mean(name, BUILTIN)}; allowed: {', '.join(BUILTIN)}, a "
                        "local .json/.jsonl/.parquet/.csv/.txt file or a hub dataset org/name")
+    _require_hub(name)
 
 
 def builtin_texts(name: str) -> list[str]:
@@ -149,12 +150,16 @@ def _windows(stream: list[int], n: int, length: int, seed: int) -> list[list[int
     return out
 
 
-def _hub_texts(name: str, text_column: str) -> list[str]:
+def _require_hub(name: str) -> None:
     from .models import hub_reachable
     if not hub_reachable():
         raise BadInput(f"workload {name!r} looks like a hub dataset but the hub cannot be reached from this "
                        f"machine (no network); give a local .json/.jsonl/.parquet/.txt file or one of: "
                        f"{', '.join(BUILTIN)}")
+
+
+def _hub_texts(name: str, text_column: str) -> list[str]:
+    _require_hub(name)
     import datasets
     try:
         ds = datasets.load_dataset(name, split="train")
