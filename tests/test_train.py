@@ -141,3 +141,31 @@ def test_bad_training_settings_are_bad_input():
         get_preset("tiny", arch="llama")
     with pytest.raises(BadInput, match="holds no text"):
         train("tiny", "/dev/null", progress=False)
+
+
+def test_two_concurrent_requests_train_once_and_never_see_half_a_checkpoint(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import workloads.train as tr
+    monkeypatch.setenv("SPECMOE_BENCH_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_train(preset, corpus, out, **kw):
+        calls.append(out)
+        out.mkdir(parents=True)
+        time.sleep(0.5)  # the other request arrives while this one trains
+        (out / "training.json").write_text("{}")
+
+    monkeypatch.setattr(tr, "train", fake_train)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(trained_checkpoint("tiny", progress=False)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and calls[0].name.startswith(".")  # trained into a temporary directory
+    assert results[0] == results[1] == tr.cached_checkpoint("tiny")
+    assert (results[0] / "training.json").is_file()
+    assert [p.name for p in results[0].parent.iterdir() if p.is_dir()] == [results[0].name]  # no temp left
