@@ -10,6 +10,7 @@ import ast
 import hashlib
 import sysconfig
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from engines.errors import BadInput
@@ -31,7 +32,7 @@ class Corpus:
     name: str  # "stdlib" or the path given
     docs: list[Doc]
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for d in self.docs:
@@ -61,8 +62,10 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+@lru_cache(maxsize=1)
 def stdlib_corpus() -> Corpus:
-    """Every .py file of the standard library except site-packages and the test suites, sorted by name."""
+    """Every .py file of the standard library except site-packages and the test suites, sorted by name (read once
+    per process; treat the result as read-only)."""
     root = stdlib_dir()
     docs = []
     for path in sorted(root.rglob("*.py")):
