@@ -138,6 +138,19 @@ def parse_threshold(text: str | float) -> float:
     return value
 
 
+def parse_thresholds(values: tuple[str, ...] | list[str]) -> tuple[float, dict[str, float]]:
+    """('350%', 'tpot_ms_p50=40%') -> (3.5, {'tpot_ms_p50': 0.4}); the last plain value is the default (10%)."""
+    default, per_metric = 0.10, {}
+    for v in values:
+        name, eq, pct = str(v).partition("=")
+        if eq:
+            check_metrics([name.strip()])
+            per_metric[name.strip()] = parse_threshold(pct)
+        else:
+            default = parse_threshold(v)
+    return default, per_metric
+
+
 def check_metrics(names: list[str]) -> list[str]:
     import difflib
     for n in names:
@@ -229,7 +242,9 @@ class Comparison:
 
 def compare_runs(base: list[CellResult], cand: list[CellResult], threshold: float,
                  metrics: list[str] | None = None, base_meta: dict | None = None,
-                 cand_meta: dict | None = None) -> Comparison:
+                 cand_meta: dict | None = None, per_metric: dict[str, float] | None = None) -> Comparison:
+    """threshold: for every timing metric, unless per_metric names its own."""
+    per_metric = per_metric or {}
     metrics = check_metrics(metrics or DEFAULT_METRICS)
     bmap = {r.config.key(): r for r in base}
     cmap = {r.config.key(): r for r in cand}
@@ -249,7 +264,7 @@ def compare_runs(base: list[CellResult], cand: list[CellResult], threshold: floa
                                 note=f"cell {b.status} in the baseline" + (f", {c.status} in the candidate"
                                                                             if c.status != "ok" else "")))
             continue
-        rows += [compare_metric(key, m, b, c, threshold) for m in metrics]
+        rows += [compare_metric(key, m, b, c, per_metric.get(m, threshold)) for m in metrics]
     return Comparison(rows, environment_warnings(base, cand, base_meta or {}, cand_meta or {}),
                       [k for k in bmap if k not in cmap], [k for k in cmap if k not in bmap])
 
@@ -267,7 +282,7 @@ def fmt_value(v) -> str:
     return f"{v:,.1f}" if abs(v) >= 1000 else f"{v:.4g}"
 
 
-def render_markdown(comp: Comparison, threshold: float) -> str:
+def render_markdown(comp: Comparison, threshold: float, per_metric: dict[str, float] | None = None) -> str:
     lines = list(comp.warnings)
     lines += ["", f"| cell | metric | baseline | candidate | change | status | note |",
               "| --- | --- | ---: | ---: | ---: | --- | --- |"]
@@ -285,7 +300,8 @@ def render_markdown(comp: Comparison, threshold: float) -> str:
     counts = {}
     for r in comp.rows:
         counts[r.status] = counts.get(r.status, 0) + 1
-    lines += ["", f"threshold {threshold:.0%} on timings, compared as medians of the per-iteration samples where each "
+    own = "".join(f", {m} {t:.0%}" for m, t in (per_metric or {}).items())
+    lines += ["", f"threshold {threshold:.0%} on timings{own}, compared as medians of the per-iteration samples where each "
                   f"side has at least {MIN_SAMPLES} (else the cell means), and called only when Mann-Whitney U "
                   f"gives p < {ALPHA}; deterministic CPU metrics compared exactly",
               "summary: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
@@ -357,8 +373,9 @@ def write_github_json(path: str | Path, cand: list[CellResult], comp: Comparison
 @click.option("--baseline", required=True, metavar="RUN",
               help="Baseline run directory (results/runs/<id> or results/baselines/<name>) or run id.")
 @click.option("--candidate", required=True, metavar="RUN", help="Candidate run directory or run id.")
-@click.option("--threshold", default="10%", show_default=True,
-              help="Ratio a timing metric must move by before it can be a regression, e.g. 10% or 0.1.")
+@click.option("--threshold", "thresholds", multiple=True, default=["10%"], show_default=True, metavar="PCT|METRIC=PCT",
+              help="Ratio a timing metric must move by before it can be a regression, e.g. 10% or 0.1; "
+                   "METRIC=PCT gives one metric its own (repeatable), e.g. --threshold 50% --threshold ttft_ms=80%.")
 @click.option("--metric", "metrics", multiple=True, metavar="NAME",
               help=f"Compare only this metric (repeatable). Default: {', '.join(DEFAULT_METRICS)}.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, metavar="PATH",
@@ -366,16 +383,17 @@ def write_github_json(path: str | Path, cand: list[CellResult], comp: Comparison
                    "PATH.smaller.json (customSmallerIsBetter), a trailing .json of PATH dropped.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also write the Markdown table to FILE.")
-def regress_command(baseline, candidate, threshold, metrics, json_out, out):
+def regress_command(baseline, candidate, thresholds, metrics, json_out, out):
     try:
-        thr = parse_threshold(threshold)
+        thr, per_metric = parse_thresholds(thresholds)
         check_metrics(list(metrics))
         base, cand = load_run(baseline), load_run(candidate)
-        comp = compare_runs(base, cand, thr, list(metrics) or None, load_run_meta(baseline), load_run_meta(candidate))
+        comp = compare_runs(base, cand, thr, list(metrics) or None, load_run_meta(baseline), load_run_meta(candidate),
+                            per_metric)
     except BadInput as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    text = render_markdown(comp, thr)
+    text = render_markdown(comp, thr, per_metric)
     click.echo(text, nl=False)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,16 @@ def test_injected_30pct_slowdown_in_one_engine_is_flagged(tmp_path):
     assert all(-34 < ch < -26 for ch in changes), changes  # 30% slower, give or take the 3% noise
 
 
+def test_a_metric_can_have_its_own_threshold(tmp_path):
+    base = write_run(tmp_path, "base", matrix(seed=1))
+    cand = write_run(tmp_path, "cand", matrix(seed=2, slow_engine="lru", slowdown=0.30))
+    res = run_cli("--baseline", base, "--candidate", cand, "--threshold", "25%", "--threshold", "tokens_per_s=60%")
+    assert res.exit_code == 0, res.output
+    assert "threshold 25% on timings, tokens_per_s 60%" in res.output
+    line = one_error_line(run_cli("--baseline", base, "--candidate", cand, "--threshold", "tokens_per_sec=60%"))
+    assert "unknown metric 'tokens_per_sec'" in line
+
+
 def test_change_in_bytes_per_token_is_flagged_exactly(tmp_path):
     base = write_run(tmp_path, "base", matrix(seed=1))
     cand = write_run(tmp_path, "cand", matrix(seed=2, bytes_change=("specmoe", 4097.0)))  # +0.02%: still flagged
