@@ -91,10 +91,10 @@ def _execute(m, results_dir: Path, run_id: str, save_outputs: bool, retry_failed
              engines_order: list[str] | None = None, json_path: Path | None = None) -> int:
     from .env import environment
     from .progress import Progress
-    from .runner import run_matrix
+    from .runner import prepare_models, run_matrix
 
     rundir = RunDir.create(results_dir, run_id)
-    _prepare_models(m.cells, quiet)
+    prepare_models(m.cells, progress=not quiet, echo=lambda text: click.echo(text, err=True))
     old = rundir.read_meta()
     planned = old.get("cells", [])
     keys = {CellConfig(**c).key() for c in planned}
@@ -127,27 +127,6 @@ def _execute(m, results_dir: Path, run_id: str, save_outputs: bool, retry_failed
     click.echo(f"\nresults: {rundir.path}  ({', '.join(f'{v} {k}' for k, v in counts.items())}; "
                f"{sum(r.status == 'ok' and not r.valid for r in results)} invalid)")
     return 1 if failed else 0
-
-
-def _prepare_models(cells, quiet: bool) -> None:
-    """Train (or find cached) the project's own checkpoints once, before any cell, so that a first-use training of
-    a few minutes neither counts against a cell's timeout nor runs in several cells at once."""
-    try:
-        from workloads.models import TRAINED
-        from workloads.train import trained_checkpoint
-    except ImportError:
-        return
-    for name in dict.fromkeys(c.model for c in cells):
-        if name not in TRAINED:
-            continue
-        t0 = time.perf_counter()
-        try:
-            path = trained_checkpoint(name, progress=not quiet)
-        except Exception as exc:  # noqa: BLE001 - its cells will fail with their own error; the run goes on
-            click.echo(f"model {name!r} could not be prepared: {type(exc).__name__}: {exc}", err=True)
-            continue
-        if not quiet:
-            click.echo(f"model {name!r}: checkpoint {path} ({time.perf_counter() - t0:.1f} s)", err=True)
 
 
 def compare_rows(results, first_engine: str, run_id: str) -> list[dict]:

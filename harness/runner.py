@@ -290,6 +290,44 @@ def main(argv: list[str] | None = None) -> int:
 # ================================================================================================================
 
 
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+_PREPARE = """
+import sys
+from engines.errors import BadInput
+from workloads.train import trained_checkpoint
+try:
+    print(trained_checkpoint(sys.argv[1], progress=sys.argv[2] == "1"))
+except BadInput as exc:
+    sys.exit(str(exc))
+"""
+
+
+def prepare_models(cells: list[CellConfig], progress: bool, echo) -> None:
+    """Train (or find cached) the project's own checkpoints once, before any cell, so that a first-use training of
+    a few minutes neither counts against a cell's timeout nor runs in several cells. It runs in a process of its
+    own, so the GPU memory training takes is given back before the first cell."""
+    try:
+        from workloads.models import TRAINED
+    except ImportError:
+        return
+    for name in dict.fromkeys(c.model for c in cells):
+        if name not in TRAINED:
+            continue
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", _PREPARE, name, "1" if progress else "0"], env=_child_env(),
+                             stdout=subprocess.PIPE, text=True)
+        if out.returncode != 0:  # its cells will fail with the reason; the run goes on
+            echo(f"model {name!r} could not be prepared (exit status {out.returncode}); its cells will say why")
+        elif progress:
+            path = (out.stdout.strip().splitlines() or ["?"])[-1]
+            echo(f"model {name!r}: checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+
+
 def _die_with_parent() -> None:
     """In the child before exec: its own process group (so a timeout kills all it started), and SIGKILL when
     the parent dies, so a killed run leaves no orphan that could finish a cell behind the next run's back."""
@@ -320,8 +358,7 @@ def run_cell(cell: CellConfig, run: RunDir, save_outputs: bool = False, on_progr
     out_path.unlink(missing_ok=True)
     atomic_write_json(spec_path, {"config": asdict(cell), "run_dir": str(run.path.resolve()),
                                   "save_outputs": save_outputs})
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = _child_env()
     t0 = time.perf_counter()
     timed_out = False
     with open(log_path, "w") as log:
