@@ -51,14 +51,17 @@ def environment() -> dict:
         "git_dirty": None if status is None else bool(status),
         "executable": sys.executable,
     }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu_name=props.name, gpu_count=torch.cuda.device_count(), gpu_memory_bytes=props.total_memory)
     try:  # the NVML module adds driver, PCIe link and more where it is present
         from harness import nvml
         extra = nvml.environment()
         env.update({k: v for k, v in extra.items() if v is not None or k not in env})
         env["driver"] = env.get("driver") or extra.get("driver_version")
+        env["gpu_memory_bytes"] = env.get("gpu_memory_bytes") or extra.get("device_mem_total_bytes")
     except Exception:  # noqa: BLE001 - absent module or no NVIDIA driver: those fields stay None
         pass
+    if torch.cuda.is_available():
+        env["gpu_count"] = torch.cuda.device_count()
+        if not env.get("gpu_name"):  # torch as the fallback: it creates a CUDA context, NVML does not
+            props = torch.cuda.get_device_properties(0)
+            env.update(gpu_name=props.name, gpu_memory_bytes=props.total_memory)
     return env
