@@ -1,6 +1,6 @@
 """Run-to-run noise of repeated runs of one commit, as `specmoe-bench regress` sees it: per cell and timing metric,
 the median of each run's per-iteration samples, and the worst ratio between any two runs. Suggests a threshold of
-twice the worst deviation, at least 25%.
+twice the worst deviation, at least 25%, per metric.
 
     python results/baselines/measure_noise.py RUN_DIR RUN_DIR [RUN_DIR ...]
 """
@@ -10,24 +10,27 @@ import sys
 
 from harness.regress import load_run
 
-METRICS = ["tokens_per_s", "decode_tokens_per_s", "ttft_ms"]
+METRICS = ["tokens_per_s", "decode_tokens_per_s", "ttft_ms", "tpot_ms_p50"]
+SHOWN = ["tokens_per_s", "tpot_ms_p50"]  # per-cell tables printed for these
 
 
 def main(paths: list[str]) -> None:
     runs = [{r.config.key(): r for r in load_run(p) if r.status == "ok"} for p in paths]
+    keys = sorted(set.intersection(*(set(r) for r in runs)))
     worst_all: dict[str, float] = {}
-    print(f"{len(runs)} runs; per cell: median tokens/s of each run, worst ratio between two runs")
-    for key in sorted(set.intersection(*(set(r) for r in runs))):
-        line = []
-        for m in METRICS:
+    print(f"{len(runs)} runs, {len(keys)} cells in all of them")
+    for m in METRICS:
+        lines = []
+        for key in keys:
             meds = [statistics.median(r[key].samples[m]) for r in runs if r[key].samples.get(m)]
             if len(meds) < 2:
                 continue
             ratio = max(meds) / min(meds)
             worst_all[m] = max(worst_all.get(m, 1.0), ratio)
-            if m == "tokens_per_s":
-                line.append(" ".join(f"{x:7.1f}" for x in meds) + f"   worst ratio {ratio:.2f}")
-        print(f"{key[:60]:60s} {' '.join(line)}")
+            lines.append(f"  {key[:58]:58s} " + " ".join(f"{x:8.4g}" for x in meds) + f"   worst ratio {ratio:.2f}")
+        if m in SHOWN and lines:
+            print(f"{m}: median of each run's samples")
+            print("\n".join(lines))
     for m, ratio in worst_all.items():
         suggested = max(0.25, math.ceil(2 * (ratio - 1) * 20) / 20)
         print(f"{m}: worst ratio between two runs {ratio:.2f} (deviation {ratio - 1:.0%}); "
