@@ -161,6 +161,26 @@ class SpecMoEEngine(RuntimeEngine):
             prompts, settings, extra=dict(draft_experts_per_layer=self.draft_experts))
 
 
+    def teacher_forced_logits(self, prompts, continuations):
+        """Feed the continuation in blocks of gamma + 1 tokens, the shape a verification pass has, so that the
+        rounding of this engine's own forwards is what gets compared (in bfloat16 it differs from one token at a
+        time). Returns [B, C, V] like the runtime's version."""
+        if not self.speculate:
+            return super().teacher_forced_logits(prompts, continuations)
+        rt = self.runtime
+        self.policy.mode = "verify"
+        with torch.inference_mode():
+            first, state = rt.prefill(prompts)
+            cont = torch.tensor(continuations, device=rt.device)  # [B, C]
+            out, fed, C = [first[:, None, :]], 0, cont.shape[1]
+            everyone = torch.ones(cont.shape[0], dtype=torch.bool, device=rt.device)
+            while fed < C - 1:  # the last token's own prediction is not needed
+                block = cont[:, fed: min(fed + self.options.gamma + 1, C - 1)]
+                out.append(state.step(rt, block, everyone))
+                fed += block.shape[1]
+        return torch.cat(out, dim=1).float().cpu()
+
+
 class NoSpecEngine(SpecMoEEngine):
     name = "nospec"
     summary = "the SpecMoE engine with speculation off: its expert management alone (ablation)"

@@ -29,6 +29,11 @@ from .env import REPO_ROOT, environment
 from .results import RunDir, atomic_write_json, cell_filename, clean_floats, read_cell
 from .schema import CellConfig, CellResult
 
+# Exact greedy equality with `resident` is required where arithmetic is exact enough to promise it; in lower
+# precision a verification pass over gamma + 1 tokens rounds differently from one token at a time, so there the
+# cell is valid when the engine's own teacher-forced top-1 agreement reaches LOW_PRECISION_TOP1_MIN.
+EXACT_DTYPES = ("float32", "float64")
+LOW_PRECISION_TOP1_MIN = 0.99
 PROGRESS_PREFIX = "@@smb "  # child -> parent progress lines on stdout; anything else there goes to the log
 BUILTIN_WORKLOADS = {"synthetic-ids": "seeded random token ids, lengths within +-25% of prompt_len"}
 
@@ -216,11 +221,16 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
                 gens.append(engine.generate(prompts, settings))
                 report(phase="measure", iteration=len(gens), tokens=sum(len(t) for g in gens for t in g.tokens))
         metrics, samples = compute(gens)
+        output_tokens = sum(len(t) for g in gens for t in g.tokens)
         if tracker is not None:
             try:
-                metrics.nvml = dict(tracker.summary(sum(len(t) for g in gens for t in g.tokens)))
+                metrics.nvml = dict(tracker.summary(output_tokens))
             except Exception as exc:  # noqa: BLE001
                 notes.append(f"nvml summary failed: {_one_line(exc)}")
+        elif not hw.is_cuda:  # every NVML metric present in the file, absent (null), with the reason
+            from harness.nvml import empty_summary
+            metrics.nvml = empty_summary(output_tokens=output_tokens)
+            metrics.nvml["nvml_absent"] = f"hardware {hw.spec!r} is not an NVIDIA GPU: NVML metrics not measured"
         if hw.is_cuda:
             metrics.peak_device_mem_bytes = int(torch.cuda.max_memory_allocated(hw.device))
         metrics.host_rss_bytes_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
@@ -249,8 +259,14 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
         reasons.append(f"equivalence not checked ({ref_error})")
     elif settings.greedy and not metrics.equivalent:
         div = [d for d in metrics.first_divergence or [] if d is not None]
-        reasons.append(f"greedy outputs differ from resident (exact match {metrics.exact_match_rate:.2f}, "
-                       f"first divergence at token {min(div) if div else '?'})")
+        differ = (f"greedy outputs differ from resident (exact match {metrics.exact_match_rate:.2f}, "
+                  f"first divergence at token {min(div) if div else '?'})")
+        if cell.dtype in EXACT_DTYPES:
+            reasons.append(differ)
+        elif (metrics.teacher_forced_top1 or 0.0) < LOW_PRECISION_TOP1_MIN:
+            reasons.append(f"{differ}; teacher-forced top-1 {metrics.teacher_forced_top1} < {LOW_PRECISION_TOP1_MIN}")
+        else:  # low precision: forwards of other shapes round differently, so near-ties may flip
+            notes.append(f"{differ}; accepted in {cell.dtype}: teacher-forced top-1 {metrics.teacher_forced_top1:.4f}")
     if not metrics.output_tokens:
         reasons.append("no output tokens")
     result.valid = not reasons

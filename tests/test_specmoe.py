@@ -144,3 +144,15 @@ def test_greedy_accept_rule():
 def test_bad_options(options, message):
     with pytest.raises(BadInput, match=message):
         loaded("specmoe", "tiny-mixtral-random", torch.float32, **options)
+
+
+def test_teacher_forcing_runs_verification_shaped_blocks_and_agrees_in_float32():
+    prompts, settings = prompts_of_different_lengths(8, seed=8), SamplingSettings(max_new_tokens=14)
+    ref = loaded("resident", "tiny-mixtral-random", torch.float32)
+    tokens = ref.generate(prompts, settings).tokens
+    expected = ref.teacher_forced_logits(prompts, tokens)
+    engine = loaded("specmoe", "tiny-mixtral-random", torch.float32, gamma=4, adaptive=False)
+    got = engine.teacher_forced_logits(prompts, tokens)
+    assert got.shape == expected.shape == (8, 14, 128)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert (got - expected).abs().max() < 1e-4
