@@ -10,7 +10,7 @@ import torch
 from .base import Engine
 from .errors import EngineUnavailable
 from .hardware import HardwareProfile
-from .runtime import Generation, SamplingSettings, check_prompts
+from .runtime import Generation, SamplingSettings, left_pad
 
 
 class AccelerateEngine(Engine):
@@ -41,13 +41,8 @@ class AccelerateEngine(Engine):
         self.device = torch.device(hardware.device)
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> Generation:
-        check_prompts(prompts)
-        B, L = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros((B, L), dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p):] = torch.tensor(p)
-            mask[i, L - len(p):] = 1
+        ids, mask = left_pad(prompts, self.device)
+        B, L = ids.shape
         stamps: list[float] = []
 
         def stamp(input_ids, scores):  # a logits processor runs once per generated position
@@ -58,7 +53,7 @@ class AccelerateEngine(Engine):
         torch.manual_seed(settings.seed)
         t_start = time.perf_counter()
         out = self.model.generate(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+            input_ids=ids, attention_mask=mask,
             max_new_tokens=settings.max_new_tokens, min_new_tokens=0 if settings.eos_token_id else settings.max_new_tokens,
             do_sample=not settings.greedy, temperature=settings.temperature or None,
             top_p=settings.top_p if not settings.greedy else None, eos_token_id=settings.eos_token_id,

@@ -330,15 +330,8 @@ class ModelRuntime:
 
     def prefill(self, prompts: list[list[int]], pad_id: int = 0):
         """Left-padded batched prefill. Returns (logits of each row's last prompt token [B, V], state)."""
-        check_prompts(prompts)
         self.forward_index = 0  # forward indices restart per batch, so routing traces line up between runs
-        B, L = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, L), pad_id, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p):] = torch.tensor(p)
-            mask[i, L - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = left_pad(prompts, self.device, pad_id)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self.new_cache()
         logits = self.forward(ids, mask, pos, cache)
@@ -348,32 +341,21 @@ class ModelRuntime:
         """Greedy or sampled autoregressive decoding: one forward per token."""
         self.store.reset_counters()
         sampler = Sampler(settings)
-        tokens: list[list[int]] = [[] for _ in prompts]
-        done = torch.zeros(len(prompts), dtype=torch.bool)
-
-        def emit(next_tok: torch.Tensor) -> int:
-            n = 0
-            for i, t in enumerate(next_tok.tolist()):
-                if not done[i]:
-                    tokens[i].append(t)
-                    n += 1
-                    done[i] = (t == settings.eos_token_id) or len(tokens[i]) >= settings.max_new_tokens
-            return n
-
+        out = Outputs(len(prompts), settings)
         t_start = time.perf_counter()
         logits, state = self.prefill(prompts)
         next_tok = sampler(logits)
         self.sync()
         t_first = time.perf_counter()
-        emit(next_tok)
+        out.emit_all(next_tok)
         step_times, step_tokens = [], []
-        while not bool(done.all()):
-            logits = state.step(self, next_tok.to(self.device)[:, None], ~done.to(self.device))
+        while not bool(out.done.all()):
+            logits = state.step(self, next_tok.to(self.device)[:, None], ~out.done.to(self.device))
             next_tok = sampler(logits[:, -1, :])
             self.sync()
             step_times.append(time.perf_counter())
-            step_tokens.append(emit(next_tok))
-        return Generation(tokens=tokens, prompt_lens=[len(p) for p in prompts], t_start=t_start, t_first=t_first,
+            step_tokens.append(out.emit_all(next_tok))
+        return Generation(tokens=out.tokens, prompt_lens=[len(p) for p in prompts], t_start=t_start, t_first=t_first,
                           step_times=step_times, step_tokens=step_tokens, t_end=time.perf_counter(),
                           stats=dict(self.store.counters.snapshot(), seq_steps=sum(step_tokens)))
 
@@ -383,17 +365,10 @@ class ModelRuntime:
         prompt + continuation). Returns [B, C, V] with C = len of the continuations (all equal)."""
         C = len(continuations[0])
         full = [p + c[:-1] for p, c in zip(prompts, continuations)] if C > 1 else prompts
-        check_prompts(full)
-        B, L = len(full), max(len(p) for p in full)
-        ids = torch.zeros((B, L), dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for i, p in enumerate(full):
-            ids[i, L - len(p):] = torch.tensor(p)
-            mask[i, L - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = left_pad(full, self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.forward(ids, mask, pos, self.new_cache())
-        return logits[:, L - C:, :].float().cpu()
+        return logits[:, -C:, :].float().cpu()
 
 
 @dataclass
@@ -437,6 +412,42 @@ class Sampler:
         if self.settings.greedy:
             return logits.argmax(-1).cpu()
         return torch.multinomial(self.probs(logits), 1, generator=self.generator)[:, 0]
+
+
+class Outputs:
+    """The generated tokens of a batch: each row stops at EOS or at max_new_tokens."""
+
+    def __init__(self, batch: int, settings: SamplingSettings):
+        self.settings = settings
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.done = torch.zeros(batch, dtype=torch.bool)
+
+    def emit(self, row: int, new: list[int]) -> int:
+        """Append a row's new tokens up to its stop; returns how many were kept."""
+        kept = 0
+        for t in new:
+            if self.done[row]:
+                break
+            self.tokens[row].append(t)
+            kept += 1
+            self.done[row] = t == self.settings.eos_token_id or len(self.tokens[row]) >= self.settings.max_new_tokens
+        return kept
+
+    def emit_all(self, next_tok: torch.Tensor) -> int:
+        """One new token per row ([B]); finished rows ignore theirs."""
+        return sum(self.emit(i, [t]) for i, t in enumerate(next_tok.tolist()))
+
+
+def left_pad(prompts: list[list[int]], device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask [B, L], prompts right-aligned so every row's next token lands at column L."""
+    check_prompts(prompts)
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def check_prompts(prompts: list[list[int]]) -> None:

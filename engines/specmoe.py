@@ -18,7 +18,7 @@ import torch
 
 from .base import RuntimeEngine
 from .errors import BadInput
-from .runtime import ExpertPolicy, ExpertStore, Generation, ModelRuntime, Sampler, SamplingSettings
+from .runtime import ExpertPolicy, ExpertStore, Generation, ModelRuntime, Outputs, Sampler, SamplingSettings
 
 DRAFT_POLICIES = ("hot-temporal", "hot-global", "random")
 
@@ -215,43 +215,30 @@ class SpeculativeDecoder:
         policy.draft_requests = policy.draft_substituted = 0
         sampler = Sampler(settings)
         B = len(prompts)
-        tokens: list[list[int]] = [[] for _ in prompts]
-        done = torch.zeros(B, dtype=torch.bool)
+        out = Outputs(B, settings)
         stats = dict(drafted_tokens=0, accepted_tokens=0, draft_time_s=0.0, verify_time_s=0.0, draft_h2d_bytes=0,
                      verify_h2d_bytes=0, spec_steps=0, plain_steps=0, seq_steps=0)
-
-        def emit(row: int, new: list[int]) -> int:
-            kept = 0
-            for t in new:
-                if done[row]:
-                    break
-                tokens[row].append(t)
-                kept += 1
-                done[row] = (t == settings.eos_token_id) or len(tokens[row]) >= settings.max_new_tokens
-            return kept
-
         t_start = time.perf_counter()
         logits, state = rt.prefill(prompts)
         pending = sampler(logits)  # [B] sampled, not yet in the cache
         rt.sync()
         t_first = time.perf_counter()
-        for i in range(B):
-            emit(i, [int(pending[i])])
+        out.emit_all(pending)
         step_times, step_tokens = [], []
         rate = {"spec": None, "plain": None}  # tokens/s estimates for the adaptive switch
         step = 0
-        while not bool(done.all()):
+        while not bool(out.done.all()):
             mode = self.choose(rate, step)
             t0 = time.perf_counter()
-            active = ~done
+            active = ~out.done
             if mode == "plain":
                 logits = state.step(rt, pending.to(rt.device)[:, None], active.to(rt.device))
                 pending = sampler(logits[:, -1, :])
                 rt.sync()
-                n = sum(emit(i, [int(pending[i])]) for i in range(B) if active[i])
+                n = out.emit_all(pending)
                 stats["plain_steps"] += 1
             else:
-                pending, n = self.speculate(state, pending, active, sampler, emit, stats)
+                pending, n = self.speculate(state, pending, active, sampler, out.emit, stats)
                 stats["spec_steps"] += 1
             now = time.perf_counter()
             rate[mode] = n / (now - t0) if rate[mode] is None else 0.5 * rate[mode] + 0.5 * n / (now - t0)
@@ -261,7 +248,7 @@ class SpeculativeDecoder:
             step += 1
         stats.update(store.counters.snapshot(), draft_expert_requests=policy.draft_requests,
                      draft_substituted=policy.draft_substituted, **extra)
-        return Generation(tokens=tokens, prompt_lens=[len(p) for p in prompts], t_start=t_start, t_first=t_first,
+        return Generation(tokens=out.tokens, prompt_lens=[len(p) for p in prompts], t_start=t_start, t_first=t_first,
                           step_times=step_times, step_tokens=step_tokens, t_end=time.perf_counter(), stats=stats)
 
     def choose(self, rate: dict, step: int) -> str:
