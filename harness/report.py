@@ -20,7 +20,14 @@ from harness.schema import CellResult
 
 REFERENCE_ENGINE = "offload"  # speedups are over naive offload, as in the paper (MoE-OnDemand)
 ENGINE_ORDER = ["resident", "offload", "overlap", "caching", "lru", "nospec", "specmoe", "accelerate"]
-NO_NVML = "no NVML samples in this run (no NVIDIA GPU or NVML unavailable), so nothing is drawn"
+NO_NVML_WHY = "no NVIDIA GPU or NVML unavailable"
+
+
+def no_nvml(cells: list[CellResult]) -> str:
+    """Why a run has no NVML readings: the reason its cells recorded (harness.nvml's `nvml_absent`), if one."""
+    why = next((r.metrics.nvml.get("nvml_absent") for r in cells
+                if isinstance((r.metrics.nvml or {}).get("nvml_absent"), str)), None)
+    return f"no NVML samples in this run ({why or NO_NVML_WHY})"
 
 
 @dataclass
@@ -313,7 +320,7 @@ def build_report(run: Path, cells: list[CellResult], meta: dict, out: Path, nvml
            "no speculative engine in this run (no drafted tokens): tokens per step and acceptance not drawn")
     figure("energy_per_token.png", "Energy per output token (NVML energy counter)",
            panel_figure(out / "energy_per_token.png", [(energy, "energy per output token (J)")], "Energy per token", colors),
-           "no NVML energy readings in this run (no NVIDIA GPU or NVML unavailable): energy per token not drawn")
+           f"{no_nvml(ok)}: energy per token not drawn")
     blocks += _timeline_blocks(ok, out, nvml_cell)
 
     # tables, one group per panel
@@ -365,7 +372,7 @@ def _timeline_blocks(ok: list[CellResult], out: Path, nvml_cell: str | None) -> 
             raise BadInput(f"--nvml-cell {nvml_cell!r}: no ok cell with that key in this run "
                            f"(keys look like {ok[0].config.key()})")
         if not nvml_timeline(chosen[0]):
-            return [Block("note", f"{NO_NVML} for cell {nvml_cell}")]
+            return [Block("note", f"{no_nvml(ok)}, so nothing is drawn for cell {nvml_cell}")]
         cell = chosen[0]
     elif with_tl:
         # default: the largest batch of the full system, else of any engine
@@ -374,7 +381,7 @@ def _timeline_blocks(ok: list[CellResult], out: Path, nvml_cell: str | None) -> 
         return [Block("note", "NVML bandwidth over time: this run kept NVML summaries only, no readings over time "
                               "(the tracker's keep_trace was off), so nothing is drawn")]
     else:
-        return [Block("note", f"NVML bandwidth over time: {NO_NVML}")]
+        return [Block("note", f"NVML bandwidth over time: {no_nvml(ok)}, so nothing is drawn")]
     drawn = timeline_figure(out / "nvml_timeline.png", cell, nvml_timeline(cell))
     if not drawn:
         return [Block("note", f"NVML bandwidth over time: no bandwidth series recorded for {cell.config.key()}")]

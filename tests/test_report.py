@@ -37,7 +37,8 @@ def test_cpu_run_writes_markdown_html_and_figures(tmp_path):
     for p in pngs:
         assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
-    assert "no NVML samples in this run" in md and "no NVML energy readings" in md
+    assert "NVML bandwidth over time: no NVML samples in this run (no NVIDIA GPU or NVML unavailable)" in md
+    assert "no NVML samples in this run (no NVIDIA GPU or NVML unavailable): energy per token not drawn" in md
     assert "no speculative engine in this run" in md
     # every engine has a tokens/s column in every batch row
     table = md.split("**Output tokens/s**")[1].split("\n\n")[1].splitlines()
@@ -50,6 +51,15 @@ def test_cpu_run_writes_markdown_html_and_figures(tmp_path):
     assert 1.4 < float(headline[3].split(" | ")[2].rstrip("x")) < 1.6  # lru: 1.5x offload, give or take noise
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 3 and not re.search(r'src="(?!data:)', page)
+
+
+def test_absent_nvml_reason_recorded_by_the_cells_is_quoted(tmp_path):
+    cells = matrix(seed=1)
+    for c in cells:
+        c.metrics.nvml = {"nvml_absent": "hardware 'cpu' is not an NVIDIA GPU: NVML metrics not measured"}
+    blocks = build_report(tmp_path, cells, {}, tmp_path / "out")
+    assert "NVML bandwidth over time: no NVML samples in this run (hardware 'cpu' is not an NVIDIA GPU: NVML " \
+           "metrics not measured), so nothing is drawn" in [b.text for b in blocks if b.kind == "note"]
 
 
 def test_speedup_is_over_offload_at_same_batch():
