@@ -50,9 +50,12 @@ results_dir_option = click.option(
                                                    "(by default every finished cell, failed or not, is kept).")
 @click.option("--save-outputs", is_flag=True, help="Store the prompt token ids and generated token ids of every "
                                                    "sequence in each cell file.")
+@click.option("--trace", is_flag=True, help="Keep every NVML reading of each measured region (the bandwidth "
+                                            "timeline that `report` draws) in the cell files; same as "
+                                            "nvml_trace = true in [settings].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; only the final table.")
 @results_dir_option
-def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_outputs, quiet, results_dir):
+def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_outputs, trace, quiet, results_dir):
     """Expand a matrix file into cells and measure each in its own process.
 
     Results go to RESULTS_DIR/<run-id>/cells/<cell>.json as each cell finishes; running the same --run-id
@@ -76,6 +79,8 @@ def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_ou
             raise BadInput("give a matrix file (for example matrices/cpu.toml) or --default")
         path = matrix_mod.default_matrix_path() if use_default else Path(matrix_file)
         m = matrix_mod.load(path, check_hardware=not dry_run)
+    if trace:
+        m.cells = [dataclasses.replace(c, nvml_trace=True) for c in m.cells]
     if dry_run:
         click.echo(render_table(["#", "engine", "options", "model", "batch", "hardware", "workload", "cell"],
                                 [[str(i + 1), c.engine, json.dumps(c.engine_options) if c.engine_options else "",

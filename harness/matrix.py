@@ -40,7 +40,7 @@ DEFAULT_WORKLOAD = "synthetic-ids"
 # [settings] keys: CellConfig fields that are not axes (engine options come from [engines.NAME])
 SETTINGS = {f.name: f for f in dataclasses.fields(CellConfig)
             if f.name not in set(AXES.values()) | {"engine_options"}}
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "int | None": (int,)}
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "int | None": (int,), "bool": (bool,)}
 MATRICES_DIR = Path(__file__).resolve().parent.parent / "matrices"
 
 
@@ -63,6 +63,10 @@ def check_setting(where: str, key: str, value):
     if f is None:
         raise BadInput(f"{where}: unknown key {key!r}; allowed: {', '.join(SETTINGS)}")
     kinds = _TYPES[str(f.type)]
+    if kinds == (bool,):
+        if not isinstance(value, bool):
+            raise BadInput(f"{where}: {key} must be true or false, got {_type_name(value)} {value!r}")
+        return value
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise BadInput(f"{where}: {key} must be {'an integer' if kinds == (int,) else 'a number' if float in kinds else 'a string'}, "
                        f"got {_type_name(value)} {value!r}")

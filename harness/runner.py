@@ -213,7 +213,7 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
         if hw.is_cuda:
             torch.cuda.synchronize(hw.device)
             torch.cuda.reset_peak_memory_stats(hw.device)
-        tracker, tracker_ctx = _nvml_tracker(hw, notes)
+        tracker, tracker_ctx = _nvml_tracker(hw, cell, notes)
         gens = []
         with tracker_ctx:
             t_begin = time.perf_counter()
@@ -275,13 +275,14 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
         result.engine_stats["notes"] = notes
 
 
-def _nvml_tracker(hw, notes: list):
+def _nvml_tracker(hw, cell: CellConfig, notes: list):
     """An NVML tracker around the measured region on CUDA (harness.nvml), else a no-op context."""
     if not hw.is_cuda:
         return None, contextlib.nullcontext()
     try:
         from harness.nvml import NvmlTracker
-        tracker = NvmlTracker(device_index=int(hw.device.split(":")[1]), interval_s=0.01, keep_trace=False)
+        tracker = NvmlTracker(device_index=int(hw.device.split(":")[1]), interval_s=0.01,
+                               keep_trace=cell.nvml_trace)
         return tracker, tracker.track()
     except Exception as exc:  # noqa: BLE001 - absent module or NVML: the nvml metrics stay absent
         notes.append(f"nvml not recorded: {_one_line(exc)}")

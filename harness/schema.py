@@ -32,6 +32,7 @@ class CellConfig:
     min_iterations: int = 3  # measured generate calls: at least this many ...
     min_duration_s: float = 0.0  # ... and at least this long in total
     timeout_s: float = 600.0  # the cell's process is killed after this
+    nvml_trace: bool = False  # keep every NVML reading of the measured region (the timeline) in the cell file
     cpu_threads: int | None = None  # torch intra-op threads in the cell process (None: torch's default)
 
     def key(self) -> str:

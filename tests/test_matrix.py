@@ -72,6 +72,8 @@ def test_expands_product_with_rules_and_options():
     (GOOD.replace("[[exclude]]\nengine", "[[exclude]]\nengines"), "m.toml: [[exclude]] #1: unknown key 'engines'"),
     (GOOD.replace('hardware = "cpu"\n', ""), "m.toml: [[include]] #1: an include names a whole cell; missing hardware"),
     ("[settings]\nseed = 1\n", "m.toml: missing [matrix] table"),
+    (GOOD.replace("max_new_tokens = 8", "max_new_tokens = 8\nnvml_trace = 1"),
+     "m.toml: [settings]: nvml_trace must be true or false, got an integer 1"),
 ])
 def test_bad_matrix_names_file_and_key(text, expected):
     with pytest.raises(BadInput) as err:
@@ -104,3 +106,8 @@ def test_shipped_matrices_parse(name):
 def test_missing_file_is_one_line(tmp_path: Path):
     with pytest.raises(BadInput, match=r"nope.toml: no such matrix file"):
         matrix.load(tmp_path / "nope.toml")
+
+
+def test_nvml_trace_is_a_boolean_setting():
+    m = matrix.parse(GOOD.replace("max_new_tokens = 8", "max_new_tokens = 8\nnvml_trace = true"), "m.toml")
+    assert all(c.nvml_trace for c in m.cells)
