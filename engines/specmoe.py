@@ -113,7 +113,8 @@ class SpecMoEPolicy(ExpertPolicy):
             scores[experts] += 1.0
             current = set(self.draft_sets[layer])
             # highest score first; on ties keep what is resident, then the lower id (no churn on ties)
-            ranked = sorted(range(self.store.num_experts), key=lambda e: (-scores[e].item(), e not in current, e))
+            score = scores.tolist()  # one conversion, not one .item() per expert, on this per-layer path
+            ranked = sorted(range(self.store.num_experts), key=lambda e: (-score[e], e not in current, e))
             chosen = ranked[: self.n]
             if set(chosen) != current:
                 self.set_draft_experts(layer, chosen, fresh=out)
