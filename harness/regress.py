@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from engines.errors import BadInput
+from harness.results import read_cell
 from harness.schema import CellResult
 
 # metric -> which way is better. "exact": no better direction, any change is flagged.
@@ -69,23 +70,7 @@ def load_run(path: str | Path) -> list[CellResult]:
     files = sorted((run / "cells").glob("*.json"))
     if not files:
         raise BadInput(f"run {str(run)!r}: no cell results in {run / 'cells'}")
-    return [_load_cell(f) for f in files]
-
-
-def _load_cell(f: Path) -> CellResult:
-    try:
-        data = json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise BadInput(f"{f}: corrupt or truncated result file ({exc.msg} at line {exc.lineno}, "
-                       f"column {exc.colno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{f}: cannot read result file ({exc})") from None
-    if not isinstance(data, dict) or "config" not in data:
-        raise BadInput(f"{f}: not a cell result (no 'config' object)")
-    try:
-        return CellResult.from_dict(data)
-    except (TypeError, ValueError) as exc:
-        raise BadInput(f"{f}: not a cell result of this schema ({exc})") from None
+    return [read_cell(f) for f in files]
 
 
 def load_run_meta(path: str | Path) -> dict:

@@ -140,17 +140,25 @@ class RunDir:
         return path
 
     def results(self) -> list[CellResult]:
-        out = []
-        for p in sorted(self.cells_dir.glob("*.json")):
-            try:
-                out.append(read_cell(p))
-            except (OSError, ValueError, TypeError, KeyError) as exc:
-                raise BadInput(f"{p}: not a readable cell result ({exc})") from None
-        return out
+        return [read_cell(p) for p in sorted(self.cells_dir.glob("*.json"))]
 
 
 def read_cell(path: Path) -> CellResult:
-    return CellResult.from_dict(json.loads(Path(path).read_text()))
+    """One cell result file; BadInput naming the file (and where it breaks) when it is not one."""
+    f = Path(path)
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{f}: corrupt or truncated result file ({exc.msg} at line {exc.lineno}, "
+                       f"column {exc.colno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{f}: cannot read result file ({exc})") from None
+    if not isinstance(data, dict) or "config" not in data:
+        raise BadInput(f"{f}: not a cell result (no 'config' object)")
+    try:
+        return CellResult.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(f"{f}: not a cell result of this schema ({exc})") from None
 
 
 # -- the tidy table ---------------------------------------------------------------------------------------------
