@@ -9,7 +9,7 @@ import torch
 
 from .base import Engine
 from .errors import EngineUnavailable
-from .hardware import HardwareProfile
+from .hardware import HardwareProfile, layer_bytes
 from .runtime import Generation, SamplingSettings, left_pad
 
 
@@ -31,10 +31,11 @@ class AccelerateEngine(Engine):
         model.model.save_pretrained(self._tmp.name)
         dtype = next(model.model.parameters()).dtype
         max_memory = None
-        if hardware.memory_budget_bytes is not None:
+        if hardware.has_budget:
             experts = sum(p.nbytes for n, p in model.model.named_parameters() if n.endswith(("gate_up_proj", "down_proj")))
             non_expert = sum(p.nbytes for p in model.model.parameters()) - experts
-            budget = hardware.expert_budget(non_expert, model.layers_loaded, model.layers_total)
+            budget = hardware.expert_budget(non_expert, model.layers_loaded, model.layers_total,
+                                            layer_bytes(model.model) - experts, experts)
             max_memory = {int(hardware.device.split(":")[1]): non_expert + budget, "cpu": 2 ** 40}
         self.model = AutoModelForCausalLM.from_pretrained(self._tmp.name, dtype=dtype, device_map="auto",
                                                           max_memory=max_memory).eval()

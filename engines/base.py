@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .errors import BadInput
-from .hardware import HardwareProfile
+from .hardware import HardwareProfile, layer_bytes
 from .runtime import ExpertPolicy, Generation, ModelInfo, ModelRuntime, SamplingSettings
 
 
@@ -80,13 +80,15 @@ class RuntimeEngine(Engine):
         self.runtime = ModelRuntime(model.model, hardware.device)
         store = self.runtime.store
         self.expert_budget = hardware.expert_budget(self.runtime.non_expert_bytes, model.layers_loaded,
-                                                    model.layers_total)
+                                                    model.layers_total, layer_bytes(self.runtime.model),
+                                                    store.total_bytes)
         if self.expert_budget is not None and self.expert_budget < store.expert_bytes:
             raise BadInput(f"hardware {hardware.spec!r}: the expert budget ({self.expert_budget} bytes after the "
                            f"non-expert weights) holds less than one expert ({store.expert_bytes} bytes)")
         self.runtime.set_policy(self.make_policy(hardware))
         self._setup = dict(setup_h2d_bytes=store.counters.h2d_bytes, resident_experts=len(store.resident),
-                           expert_budget_bytes=self.expert_budget, memory_budget_bytes=hardware.memory_budget_bytes)
+                           expert_budget_bytes=self.expert_budget, memory_budget_bytes=hardware.memory_budget_bytes,
+                           expert_budget_share=hardware.expert_share)
         store.reset_counters()
 
     def prepare(self, prompts, settings) -> None:

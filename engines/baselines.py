@@ -34,7 +34,7 @@ class ResidentEngine(RuntimeEngine):
     summary = "every weight on the device; plain decoding (the reference for equivalence)"
 
     def load(self, model, hardware: HardwareProfile) -> None:
-        if hardware.memory_budget_bytes is not None:
+        if hardware.has_budget:
             raise BadInput(f"engine 'resident' keeps every expert on the device; it cannot run under the expert "
                            f"budget of {hardware.spec!r} (use the plain device profile)")
         super().load(model, hardware)

@@ -10,7 +10,9 @@ from .errors import BadInput
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-ALLOWED = "cpu, cuda, cuda:N, cuda:budget=SIZE or cuda:N:budget=SIZE (SIZE like 24GiB, 512MiB)"
+ALLOWED = ("cpu, cuda, cuda:N, cuda:budget=SIZE or cuda:N:budget=SIZE (SIZE like 24GiB, 512MiB: the device memory "
+           "of the GPU to emulate; or a share of the experts like 25%)")
+_LAYER_PARAM = re.compile(r"(^|\.)layers\.\d+\.")
 
 
 def parse_size(text: str) -> int:
@@ -40,6 +42,11 @@ class HardwareProfile:
     spec: str
     device: str  # torch device string: "cpu" or "cuda:N"
     memory_budget_bytes: int | None = None  # device memory of the GPU this profile emulates (None: the real one)
+    expert_share: float | None = None  # budget=25%: the share of the model's expert bytes engines may keep
+
+    @property
+    def has_budget(self) -> bool:
+        return self.memory_budget_bytes is not None or self.expert_share is not None
 
     @property
     def is_cuda(self) -> bool:
@@ -54,27 +61,51 @@ class HardwareProfile:
         if not m:
             raise BadInput(f"unknown hardware {spec!r}: allowed are {ALLOWED}")
         index = int(m.group(1) or 0)
-        budget = parse_size(m.group(2)) if m.group(2) else None
+        budget, share = None, None
+        if m.group(2) and m.group(2).strip().endswith("%"):
+            try:
+                share = float(m.group(2).strip()[:-1]) / 100
+            except ValueError:
+                share = -1.0
+            if not 0 < share <= 1:
+                raise BadInput(f"hardware {spec!r}: bad expert share {m.group(2)!r}: use a percentage in (0, 100]")
+        elif m.group(2):
+            budget = parse_size(m.group(2))
         if check_available:
             if not torch.cuda.is_available():
                 raise BadInput(f"hardware {spec!r} needs CUDA, and this machine has no CUDA device; use 'cpu'")
             if index >= torch.cuda.device_count():
                 raise BadInput(f"hardware {spec!r}: device cuda:{index} does not exist "
                                f"(this machine has {torch.cuda.device_count()} CUDA device(s))")
-        return cls(spec=text, device=f"cuda:{index}", memory_budget_bytes=budget)
+        return cls(spec=text, device=f"cuda:{index}", memory_budget_bytes=budget, expert_share=share)
 
     def expert_budget(self, non_expert_bytes: int, layers_loaded: int | None = None,
-                      layers_total: int | None = None) -> int | None:
-        """Bytes of experts an engine may keep resident: the emulated memory, scaled by K/L when only K of the
-        model's L layers are loaded (so K layers see the share the whole model would), less the loaded model's
-        non-expert weights (which stay on the device). KV cache and activations are not charged."""
+                      layers_total: int | None = None, layer_non_expert_bytes: int = 0,
+                      total_expert_bytes: int | None = None) -> int | None:
+        """Bytes of experts an engine may keep resident, or None without a budget.
+
+        A share (budget=25%) is that share of the loaded experts. A memory size emulates a GPU of that size running
+        the whole model: the whole model's non-expert weights stay on it (the loaded model's, with its per-layer
+        part `layer_non_expert_bytes` scaled from K loaded layers to all L), what is left holds experts, and the
+        K loaded layers get K/L of that. KV cache and activations are not charged."""
+        if self.expert_share is not None:
+            if total_expert_bytes is None:
+                raise ValueError("an expert share needs the model's total expert bytes")
+            return int(self.expert_share * total_expert_bytes)
         if self.memory_budget_bytes is None:
             return None
         scale = layers_loaded / layers_total if layers_loaded and layers_total else 1.0
-        budget = int(self.memory_budget_bytes * scale) - non_expert_bytes
+        whole_non_expert = non_expert_bytes - layer_non_expert_bytes + int(layer_non_expert_bytes / scale)
+        budget = self.memory_budget_bytes - whole_non_expert
         if budget <= 0:
-            shown = f"{format_bytes(self.memory_budget_bytes)}" + (f" x {layers_loaded}/{layers_total} layers"
-                                                                   if scale != 1.0 else "")
-            raise BadInput(f"hardware {self.spec!r}: the budget ({shown}) is smaller than the model's non-expert "
-                           f"weights ({format_bytes(non_expert_bytes)}), which must stay on the device")
-        return budget
+            whole = " of the whole model" if scale != 1.0 else ""
+            raise BadInput(f"hardware {self.spec!r}: the budget ({format_bytes(self.memory_budget_bytes)}) is smaller "
+                           f"than the non-expert weights{whole} ({format_bytes(whole_non_expert)}), which must stay "
+                           "on the device")
+        return int(budget * scale)
+
+
+def layer_bytes(model) -> int:
+    """Bytes of the parameters and buffers inside the decoder layers (`...layers.N....`): the per-layer part."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return sum(t.nbytes for name, t in named if _LAYER_PARAM.search(name))

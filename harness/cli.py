@@ -53,9 +53,13 @@ results_dir_option = click.option(
 @click.option("--trace", is_flag=True, help="Keep every NVML reading of each measured region (the bandwidth "
                                             "timeline that `report` draws) in the cell files; same as "
                                             "nvml_trace = true in [settings].")
+@click.option("--only", "only", multiple=True, metavar="AXIS=V1,V2",
+              help="Run only the cells whose AXIS (engine, model, batch_size, hardware, workload) is one of the "
+                   "values; repeat to narrow further. Example: --only model=small --only batch_size=1,16")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; only the final table.")
 @results_dir_option
-def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_outputs, trace, quiet, results_dir):
+def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_outputs, trace, only, quiet,
+        results_dir):
     """Expand a matrix file into cells and measure each in its own process.
 
     Results go to RESULTS_DIR/<run-id>/cells/<cell>.json as each cell finishes; running the same --run-id
@@ -79,6 +83,8 @@ def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_ou
             raise BadInput("give a matrix file (for example matrices/cpu.toml) or --default")
         path = matrix_mod.default_matrix_path() if use_default else Path(matrix_file)
         m = matrix_mod.load(path, check_hardware=not dry_run)
+    if only:
+        m.cells = matrix_mod.only(m.cells, only)
     if trace:
         m.cells = [dataclasses.replace(c, nvml_trace=True) for c in m.cells]
     if dry_run:

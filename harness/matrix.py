@@ -124,6 +124,25 @@ def _matches(cell: CellConfig, rule: dict[str, list]) -> bool:
     return all(getattr(cell, key) in values for key, values in rule.items())
 
 
+def only(cells: list[CellConfig], specs: tuple[str, ...] | list[str]) -> list[CellConfig]:
+    """Keep the cells matching every `AXIS=V1,V2` spec (`run --only model=small`). Raises BadInput naming a bad spec
+    or a value the matrix does not have."""
+    by_field = {v: k for k, v in AXES.items()}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or key not in by_field or not values.strip():
+            raise BadInput(f"--only {spec!r}: use AXIS=VALUE[,VALUE...] with AXIS one of {', '.join(by_field)}")
+        wanted = [v.strip() for v in values.split(",")]
+        have = {str(getattr(c, key)) for c in cells}
+        unknown = [v for v in wanted if v not in have]
+        if unknown:
+            raise BadInput(f"--only {spec!r}: the matrix has no {key} {', '.join(map(repr, unknown))}; "
+                           f"it has: {', '.join(sorted(have))}")
+        cells = [c for c in cells if str(getattr(c, key)) in wanted]
+    return cells
+
+
 def parse(text: str, source: str, check_hardware: bool = True, check_names: bool = True) -> Matrix:
     """Parse and validate a matrix; raises BadInput naming `source` and the key."""
     try:

@@ -10,6 +10,8 @@ Definitions (per iteration, then the mean over iterations; `samples` keeps the p
                         decoding that is the step duration; a speculative step that gives each sequence 3 tokens
                         counts a third of its duration per token
   h2d_bytes_per_token   expert bytes copied host -> device / output tokens
+  h2d_gb_per_s          those bytes / (t_end - t_start), in 1e9 bytes/s: the copy rate the engine achieved over
+                        the whole generate call (compute included); near the link's rate on copy-bound cells
   expert_hit_rate       hits / (hits + misses) of expert requests
   tokens_per_step       tokens a sequence gains per decode step, bonus token included (vLLM's convention):
                         sum(step_tokens) / seq_steps; 1.0 for plain decoding
@@ -26,7 +28,7 @@ from .schema import Metrics
 
 # Per-iteration values kept in CellResult.samples (significance tests compare these across runs).
 SAMPLE_KEYS = ("tokens_per_s", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "e2e_latency_ms",
-               "tpot_ms_p50", "h2d_bytes_per_token")
+               "tpot_ms_p50", "h2d_bytes_per_token", "h2d_gb_per_s")
 
 
 def _ratio(num, den) -> float | None:
@@ -68,6 +70,7 @@ def iteration_values(g: Generation) -> dict[str, float | None]:
         "e2e_latency_ms": e2e * 1e3,
         "h2d_bytes": stats.get("h2d_bytes"),
         "h2d_bytes_per_token": _ratio(stats.get("h2d_bytes"), out_tokens),
+        "h2d_gb_per_s": None if stats.get("h2d_bytes") is None else stats["h2d_bytes"] / e2e / 1e9,
         "tpot_ms_p50": percentile(tpot_samples_ms(g), 50),  # this iteration's median, for significance tests
     }
 
@@ -124,6 +127,7 @@ def compute(gens: list[Generation]) -> tuple[Metrics, dict[str, list[float]]]:
         iterations=n,
         h2d_bytes=None if h2d is None else round(h2d / n),
         h2d_bytes_per_token=_ratio(h2d, out_tokens),
+        h2d_gb_per_s=_mean(p["h2d_gb_per_s"] for p in per),
         h2d_copies=None if per_iter("h2d_copies") is None else round(per_iter("h2d_copies")),
         expert_hit_rate=_ratio(hits, None if hits is None or misses is None else hits + misses),
         drafted_tokens=None if drafted is None else round(drafted / n),

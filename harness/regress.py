@@ -24,7 +24,7 @@ DIRECTION: dict[str, str] = {
     "ttft_ms": "lower", "tpot_ms_p50": "lower", "tpot_ms_p90": "lower", "tpot_ms_p99": "lower",
     "e2e_latency_ms": "lower",
     "output_tokens": "exact",
-    "h2d_bytes": "lower", "h2d_bytes_per_token": "lower", "h2d_copies": "lower", "expert_hit_rate": "higher",
+    "h2d_bytes": "lower", "h2d_bytes_per_token": "lower", "h2d_gb_per_s": "higher", "h2d_copies": "lower", "expert_hit_rate": "higher",
     "setup_h2d_bytes": "lower",
     "drafted_tokens": "exact", "accepted_tokens": "higher", "acceptance_rate": "higher", "tokens_per_step": "higher",
     "draft_time_ms": "lower", "verify_time_ms": "lower", "draft_h2d_bytes": "lower", "verify_h2d_bytes": "lower",

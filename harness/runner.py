@@ -191,21 +191,32 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
     settings = _settings(cell)
     engine = registry.create(cell.engine, **cell.engine_options)
     report(phase="load")
+    last = [time.perf_counter()]
+
+    def lap(phase: str) -> None:  # the wall time since the previous lap goes to `phase`
+        now = time.perf_counter()
+        result.phase_s[phase] = round(result.phase_s.get(phase, 0.0) + now - last[0], 3)
+        last[0] = now
+
     loaded = load_model(cell.model, getattr(torch, cell.dtype), cell.model_layers, cell.seed)
     prompts = make_prompts(cell, loaded)
     result.workload_info = dict(prompts.metadata()) if hasattr(prompts, "metadata") else \
         dict(workload=cell.workload, description=BUILTIN_WORKLOADS.get(cell.workload))
     prompts = [list(p) for p in prompts]
+    lap("load_model")
     ref, ref_error = None, None
     try:
         ref = reference_outputs(cell, hw, prompts, settings, run_dir / "reference" if run_dir else None)
     except Exception as exc:  # noqa: BLE001 - the cell is still measured, its equivalence is absent
         ref_error = _one_line(exc)
+    lap("reference")
 
     notes = []
     try:
         engine.load(loaded, hw)
+        lap("engine_load")
         engine.prepare(prompts, settings)
+        lap("prepare")
         per_iter_tokens = cell.batch_size * cell.max_new_tokens
         for i in range(cell.warmup):
             engine.generate(prompts, settings)
@@ -213,6 +224,7 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
         if hw.is_cuda:
             torch.cuda.synchronize(hw.device)
             torch.cuda.reset_peak_memory_stats(hw.device)
+        lap("warmup")
         tracker, tracker_ctx = _nvml_tracker(hw, cell, notes)
         gens = []
         with tracker_ctx:
@@ -220,6 +232,7 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
             while len(gens) < cell.min_iterations or time.perf_counter() - t_begin < cell.min_duration_s:
                 gens.append(engine.generate(prompts, settings))
                 report(phase="measure", iteration=len(gens), tokens=sum(len(t) for g in gens for t in g.tokens))
+        lap("measure")
         metrics, samples = compute(gens)
         output_tokens = sum(len(t) for g in gens for t in g.tokens)
         if tracker is not None:
@@ -244,6 +257,7 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
             metrics.equivalent, metrics.exact_match_rate = eq.equivalent, eq.exact_match_rate
             metrics.first_divergence = eq.first_divergence
             metrics.teacher_forced_top1, metrics.max_abs_logit_diff = eq.teacher_forced_top1, eq.max_abs_logit_diff
+            lap("equivalence")
         info = engine.model_info
         result.model_info = asdict(info) if info is not None else {"name": loaded.name, "source": loaded.source}
         result.engine_stats = setup
@@ -404,6 +418,9 @@ def run_cell(cell: CellConfig, run: RunDir, save_outputs: bool = False, on_progr
     elif out_path.exists():
         try:
             result = read_cell(out_path)
+            if result.wall_s is not None:  # process start, imports and exit, outside the child's own clock
+                result.phase_s["process"] = round(wall - result.wall_s, 3)
+                result.wall_s = wall
         except (OSError, ValueError, TypeError, KeyError) as exc:
             result = _failure(cell, f"the cell process wrote an unreadable result ({exc})", _tail(log_path), wall)
     if result is None:

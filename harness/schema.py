@@ -40,7 +40,7 @@ class CellConfig:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.engine_options.items()))
         parts = [self.engine + (f"[{opts}]" if opts else ""), self.model.replace("/", "_"),
                  f"L{self.model_layers}" if self.model_layers else "", self.dtype, f"b{self.batch_size}",
-                 self.hardware.replace(":", "_").replace("=", "-"), self.workload.replace("/", "_"),
+                 self.hardware.replace(":", "_").replace("=", "-").replace("%", "pct"), self.workload.replace("/", "_"),
                  f"p{self.prompt_len}", f"n{self.max_new_tokens}",
                  f"t{self.temperature}" if self.temperature else "", f"s{self.seed}"]
         return "-".join(p for p in parts if p)
@@ -62,6 +62,7 @@ class Metrics:
     # expert traffic counted by the engine
     h2d_bytes: int | None = None  # per iteration
     h2d_bytes_per_token: float | None = None
+    h2d_gb_per_s: float | None = None  # engine-counted bytes / end-to-end time: the copy rate the engine achieved
     h2d_copies: int | None = None
     expert_hit_rate: float | None = None
     setup_h2d_bytes: int | None = None  # copies made to keep experts resident before measuring
@@ -104,6 +105,7 @@ class CellResult:
     outputs: dict[str, Any] | None = None  # --save-outputs: prompt and generated token ids
     started_at: str | None = None
     wall_s: float | None = None
+    phase_s: dict[str, float] = field(default_factory=dict)  # where the cell's wall time went (load, reference, ...)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:

@@ -91,6 +91,17 @@ def test_dry_run_prints_cells(capsys):
     assert code == 0 and "cells from" in out and "lru" in out
 
 
+def test_only_narrows_the_matrix(capsys):
+    code, out, _ = run_main(["run", str(REPO / "matrices" / "cpu.toml"), "--dry-run", "--only", "engine=lru,offload",
+                             "--only", "batch_size=1"], capsys)
+    assert code == 0 and "2 cells from" in out
+    code, _, err = run_main(["run", str(REPO / "matrices" / "cpu.toml"), "--dry-run", "--only", "batch_size=3"],
+                            capsys)
+    assert code == 2 and "--only 'batch_size=3': the matrix has no batch_size '3'; it has: 1, 16, 4" in err
+    code, _, err = run_main(["run", str(REPO / "matrices" / "cpu.toml"), "--dry-run", "--only", "size=3"], capsys)
+    assert code == 2 and "use AXIS=VALUE[,VALUE...] with AXIS one of engine, model" in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["compare", "--engines", "warpdrive,offload"], "unknown engine 'warpdrive'"),
     (["compare", "--engines", "offload", "--batch-sizes", "0"], "--batch-sizes '0': batch size 0 must be at least 1"),

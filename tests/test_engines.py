@@ -233,7 +233,20 @@ def test_sizes():
 def test_budget_scales_with_the_loaded_layers_and_leaves_room_for_non_expert_weights():
     hw = HardwareProfile.parse("cuda:budget=24GiB", check_available=False)
     assert hw.expert_budget(2 * 2**30) == 22 * 2**30
-    assert hw.expert_budget(2**30, layers_loaded=4, layers_total=32) == 3 * 2**30 - 2**30
-    with pytest.raises(BadInput, match=r"budget \(24.00 GiB x 1/32 layers\) is smaller than the model's non-expert"):
-        hw.expert_budget(2**30, layers_loaded=1, layers_total=32)
+    # 4 of 32 layers loaded; 1 GiB of non-expert weights of which 0.5 GiB sit in the 4 layers: the whole model
+    # has 0.5 + 0.5 * 8 = 4.5 GiB of them, leaving 19.5 GiB of experts, of which the 4 layers get 1/8
+    assert hw.expert_budget(2**30, layers_loaded=4, layers_total=32, layer_non_expert_bytes=2**29) == \
+        int(19.5 * 2**30 / 8)
+    with pytest.raises(BadInput, match=r"budget \(24.00 GiB\) is smaller than the non-expert weights of the whole "
+                                       r"model \(32.00 GiB\)"):
+        hw.expert_budget(2**30, layers_loaded=1, layers_total=32, layer_non_expert_bytes=2**30)
+
+
+def test_budget_as_a_share_of_the_experts():
+    hw = HardwareProfile.parse("cuda:budget=25%", check_available=False)
+    assert hw.has_budget and hw.memory_budget_bytes is None
+    assert hw.expert_budget(10**9, layers_loaded=2, layers_total=32, total_expert_bytes=8 * 10**9) == 2 * 10**9
+    for bad in ("cuda:budget=0%", "cuda:budget=150%", "cuda:budget=x%"):
+        with pytest.raises(BadInput, match=r"bad expert share .*percentage in \(0, 100\]"):
+            HardwareProfile.parse(bad, check_available=False)
     assert HardwareProfile.parse("cpu").expert_budget(10**9) is None
