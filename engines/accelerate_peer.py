@@ -70,6 +70,17 @@ class AccelerateEngine(Engine):
                           t_first=stamps[0] if stamps else t_end, step_times=stamps[1:],
                           step_tokens=[B] * len(stamps[1:]), t_end=t_end, stats={})
 
+    def teacher_forced_logits(self, prompts: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
+        """One forward of the dispatched model over prompt + continuation (left-padded, positions from the mask, as
+        `generate` computes them); the logits at the continuation positions, [B, C, V] float32 on the CPU."""
+        C = len(continuations[0])
+        full = [p + c[:-1] for p, c in zip(prompts, continuations)] if C > 1 else prompts
+        ids, mask = left_pad(full, self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        return logits[:, -C:, :].float().cpu()
+
     def close(self) -> None:
         self.model = None
         if hasattr(self, "_tmp"):

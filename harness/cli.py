@@ -120,7 +120,7 @@ def _execute(m, results_dir: Path, run_id: str, save_outputs: bool, retry_failed
     if not quiet:
         click.echo(f"run {rundir.id}: {len(m.cells)} cells -> {rundir.path}", err=True)
     results = run_matrix(m.cells, rundir, Progress(quiet=quiet), save_outputs=save_outputs,
-                         retry_failed=retry_failed)
+                         retry_failed=retry_failed, env=meta["environment"])
     click.echo(comparison_table(results, meta["engines"]))
     notes = invalid_notes(results)
     if notes:

@@ -151,13 +151,16 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def measure_cell(cell: CellConfig, run_dir: Path | None = None, save_outputs: bool = False) -> CellResult:
-    """Measure one cell in this process; never raises (a failure becomes a failed or skipped CellResult)."""
+def measure_cell(cell: CellConfig, run_dir: Path | None = None, save_outputs: bool = False,
+                 env: dict | None = None) -> CellResult:
+    """Measure one cell in this process; never raises (a failure becomes a failed or skipped CellResult).
+    `env`: the environment the parent read once for the whole run (reading it takes seconds on a GPU machine)."""
     t0 = time.perf_counter()
     result = CellResult(config=cell, status="failed", valid=False,
                         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     try:
-        result.environment = environment()
+        result.environment = dict(env) if env else environment()
+        result.phase_s["environment"] = round(time.perf_counter() - t0, 3)
         _measure(cell, result, run_dir, save_outputs)
     except (EngineUnavailable, BadInput) as exc:  # cannot run here, or not in this combination (resident + budget)
         result.status, result.valid, result.error = "skipped", False, str(exc)
@@ -174,6 +177,13 @@ def measure_cell(cell: CellConfig, run_dir: Path | None = None, save_outputs: bo
 
 
 def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_outputs: bool) -> None:
+    last = [time.perf_counter()]
+
+    def lap(phase: str) -> None:  # the wall time since the previous lap goes to `phase`
+        now = time.perf_counter()
+        result.phase_s[phase] = round(result.phase_s.get(phase, 0.0) + now - last[0], 3)
+        last[0] = now
+
     import resource
 
     import torch
@@ -191,13 +201,7 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
     settings = _settings(cell)
     engine = registry.create(cell.engine, **cell.engine_options)
     report(phase="load")
-    last = [time.perf_counter()]
-
-    def lap(phase: str) -> None:  # the wall time since the previous lap goes to `phase`
-        now = time.perf_counter()
-        result.phase_s[phase] = round(result.phase_s.get(phase, 0.0) + now - last[0], 3)
-        last[0] = now
-
+    lap("imports_and_device")  # transformers and the engines imported, the device initialised
     loaded = load_model(cell.model, getattr(torch, cell.dtype), cell.model_layers, cell.seed)
     prompts = make_prompts(cell, loaded)
     result.workload_info = dict(prompts.metadata()) if hasattr(prompts, "metadata") else \
@@ -266,6 +270,7 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
                               "reference_tokens": ref[0] if ref is not None else None}
     finally:
         engine.close()
+        lap("close")
 
     result.metrics, result.samples, result.status = metrics, samples, "ok"
     reasons = []
@@ -311,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     run_dir = Path(spec["run_dir"]) if spec.get("run_dir") else None
-    result = measure_cell(CellConfig(**spec["config"]), run_dir, bool(spec.get("save_outputs")))
+    result = measure_cell(CellConfig(**spec["config"]), run_dir, bool(spec.get("save_outputs")),
+                          spec.get("environment"))
     atomic_write_json(Path(argv[1]), clean_floats(result.to_dict()))
     return 0
 
@@ -381,14 +387,16 @@ def _tail(path: Path, n: int = 40) -> str | None:
         return None
 
 
-def run_cell(cell: CellConfig, run: RunDir, save_outputs: bool = False, on_progress=None) -> CellResult:
-    """Run one cell in a child process and write its result file (atomically) before returning it."""
+def run_cell(cell: CellConfig, run: RunDir, save_outputs: bool = False, on_progress=None,
+             env: dict | None = None) -> CellResult:
+    """Run one cell in a child process and write its result file (atomically) before returning it. `env`: the
+    run's environment, read once by the caller, else the cell reads its own."""
     stem = cell_filename(cell)[:-5]
     spec_path, out_path = run.tmp_dir / f"{stem}.cell.json", run.tmp_dir / f"{stem}.result.json"
     log_path = run.logs_dir / f"{stem}.log"
     out_path.unlink(missing_ok=True)
     atomic_write_json(spec_path, {"config": asdict(cell), "run_dir": str(run.path.resolve()),
-                                  "save_outputs": save_outputs})
+                                  "save_outputs": save_outputs, "environment": env})
     env = _child_env()
     t0 = time.perf_counter()
     timed_out = False
@@ -450,9 +458,10 @@ def _read_progress(stream, log, on_progress) -> None:
 
 
 def run_matrix(cells: list[CellConfig], run: RunDir, progress, save_outputs: bool = False,
-               retry_failed: bool = False) -> list[CellResult]:
+               retry_failed: bool = False, env: dict | None = None) -> list[CellResult]:
     """Run every cell that has not finished in `run`; return the results of all cells, in matrix order."""
     results = []
+    env = env or environment()  # once per run: the same for every cell, and seconds to read on a GPU machine
     progress.start(len(cells))
     for cell in cells:
         done = run.finished(cell)
@@ -461,7 +470,7 @@ def run_matrix(cells: list[CellConfig], run: RunDir, progress, save_outputs: boo
             results.append(done)
             continue
         progress.cell_start(cell)
-        result = run_cell(cell, run, save_outputs, on_progress=progress.cell_progress)
+        result = run_cell(cell, run, save_outputs, on_progress=progress.cell_progress, env=env)
         progress.cell_done(cell, result)
         results.append(result)
     progress.finish()

@@ -1,6 +1,7 @@
 """The shared runtime and the baseline engines: same tokens as `resident`, exact byte counts, plug-ins, bad input."""
 from __future__ import annotations
 
+import copy
 import random
 import sys
 import textwrap
@@ -9,11 +10,12 @@ import pytest
 import torch
 
 from engines import registry
+from engines.accelerate_peer import AccelerateEngine
 from engines.baselines import CachingEngine, LRUEngine, OffloadEngine
 from engines.errors import BadInput, EngineUnavailable
 from engines.hardware import HardwareProfile, parse_size
 from engines.runtime import ModelRuntime, SamplingSettings
-from harness.equivalence import check_engine, reference
+from harness.equivalence import check_engine, reference, teacher_forcing_inputs
 from workloads.models import load_model
 
 CPU = HardwareProfile.parse("cpu")
@@ -57,6 +59,18 @@ def test_every_engine_gives_the_reference_tokens(reference_run, name, options):
 def test_accelerate_says_why_it_cannot_run_on_cpu():
     with pytest.raises(EngineUnavailable, match="needs a CUDA device"):
         loaded("accelerate")
+
+
+def test_accelerate_teacher_forcing_scores_like_the_runtime(reference_run):
+    """The accelerate peer's teacher forcing (plain HF forward over prompt + continuation) gives the runtime's
+    logits; the engine only loads on CUDA, so its model is set directly here."""
+    model, prompts, _, ref_tokens, ref_logits = reference_run
+    engine = AccelerateEngine()
+    engine.model, engine.device = copy.deepcopy(load_model(model).model), torch.device("cpu")
+    logits = engine.teacher_forced_logits(prompts, teacher_forcing_inputs(prompts, ref_tokens))
+    assert logits.shape == ref_logits.shape
+    assert (logits - ref_logits).abs().max() < 1e-4
+    assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
 
 
 def test_seeded_sampling_is_reproducible_and_engine_independent():
