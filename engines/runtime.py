@@ -124,11 +124,26 @@ class ExpertPolicy:
             out[e] = w
         return out
 
+    def dense_plan(self, layer: int) -> "DensePlan | None":
+        """A plan to run this layer without learning its routing on the host (no sync), when every expert the
+        router may pick is served by a known resident copy; None (the default) for the routed path."""
+        return None
+
     def begin_forward(self, forward_index: int) -> None:
         """Called before every model forward (prefill, decode step, draft step or verification)."""
 
     def end_forward(self) -> None:
         """Called after every model forward."""
+
+
+@dataclass
+class DensePlan:
+    """Every expert id of a layer maps to one of a few resident copies: `slot_of` [E] (on the device) gives the
+    index into `weights`. The layer then runs each resident copy over all its tokens, weighted by the routing
+    weights that map to it (zero for the others), with no host sync."""
+
+    weights: list[ExpertWeights]
+    slot_of: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,6 +163,15 @@ ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, _specmoe_experts_forward)
 def _expert_linear(module: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     out = x @ w if module.is_transposed else F.linear(x, w)
     return out + b if b is not None else out
+
+
+def _expert_mlp(module: nn.Module, h: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+    """One expert's MLP on tokens h [n, H], the way the module's family computes it."""
+    if module.has_gate:
+        h = module._apply_gate(_expert_linear(module, h, w["gate_up_proj"], w.get("gate_up_proj_bias")))
+    else:
+        h = module.act_fn(_expert_linear(module, h, w["up_proj"], w.get("up_proj_bias")))
+    return _expert_linear(module, h, w["down_proj"], w.get("down_proj_bias"))
 
 
 @dataclass
@@ -269,6 +293,9 @@ class ModelRuntime:
     # -- the experts of one MoE layer --------------------------------------------------------------------------
 
     def _run_experts(self, module, layer, hidden_states, top_k_index, top_k_weights):
+        plan = self.policy.dense_plan(layer)
+        if plan is not None:
+            return self._run_dense(module, plan, hidden_states, top_k_index, top_k_weights)
         # N = tokens in this forward, K = experts per token, E = experts in the layer, H = hidden size
         N, K = top_k_index.shape
         E = self.store.num_experts
@@ -290,14 +317,21 @@ class ModelRuntime:
             pairs = order[start:start + counts[e]]
             start += counts[e]
             tok, slot = pairs // K, pairs % K
-            w = weights[e]
-            h = hidden_states[tok]
-            if module.has_gate:
-                h = module._apply_gate(_expert_linear(module, h, w["gate_up_proj"], w.get("gate_up_proj_bias")))
-            else:
-                h = module.act_fn(_expert_linear(module, h, w["up_proj"], w.get("up_proj_bias")))
-            h = _expert_linear(module, h, w["down_proj"], w.get("down_proj_bias"))
+            h = _expert_mlp(module, hidden_states[tok], weights[e])
             out.index_add_(0, tok, (h * top_k_weights[tok, slot, None]).to(out.dtype))
+        return out
+
+    def _run_dense(self, module, plan: DensePlan, hidden_states, top_k_index, top_k_weights):
+        """The layer without a host sync: each resident copy over every token, times the routing weight that
+        reaches it (a token whose K choices share one copy gets their sum; inactive tokens get zero)."""
+        slots = plan.slot_of[top_k_index]  # [N, K]
+        w = top_k_weights
+        if self.token_mask is not None:
+            w = w * self.token_mask[:, None].to(w.dtype)
+        out = torch.zeros_like(hidden_states)
+        for s, weights in enumerate(plan.weights):
+            coef = (w * (slots == s).to(w.dtype)).sum(-1)  # [N]
+            out += (_expert_mlp(module, hidden_states, weights) * coef[:, None]).to(out.dtype)
         return out
 
     # -- forwards --------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ table (L2 distance between the flattened expert weights, gate/up and down togeth
 Verification: one forward of the full model over every drafted token of every sequence, exact routing; each
 missing expert is copied once per layer per pass and serves every token routed to it (deferred, coalesced).
 Draft experts are refreshed from the experts recent verification passes used (hot-temporal).
+With `sync_free_draft`, a draft forward never learns its routing on the host: each resident draft expert runs over
+every token, weighted by the routing weights that map to it (runtime.DensePlan).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import torch
 
 from .base import RuntimeEngine
 from .errors import BadInput
-from .runtime import ExpertPolicy, ExpertStore, Generation, ModelRuntime, Outputs, Sampler, SamplingSettings
+from .runtime import (DensePlan, ExpertPolicy, ExpertStore, Generation, ModelRuntime, Outputs, Sampler,
+                      SamplingSettings)
 
 DRAFT_POLICIES = ("hot-temporal", "hot-global", "random")
 
@@ -34,12 +37,18 @@ class SpecMoEOptions:
     adaptive: bool = field(default=True, metadata={
         "help": "measure tokens/s with and without speculation as it runs and use the faster"})
     decay: float = field(default=0.8, metadata={"help": "hot-temporal: weight of older passes in expert scores"})
+    sync_free_draft: bool = field(default=False, metadata={
+        "help": "draft without host syncs: each resident draft expert runs over every token, weighted by the "
+                "routing that maps to it, and greedy drafts stay on the device until the step's last draft "
+                "(experimental: measure it against the routed draft)"})
     seed: int = field(default=0, metadata={"help": "seed of the random draft policy"})
 
     def __post_init__(self):
         self.gamma, self.draft_experts = int(self.gamma), int(self.draft_experts)
         if isinstance(self.adaptive, str):
             self.adaptive = self.adaptive.lower() in ("1", "true", "yes", "on")
+        if isinstance(self.sync_free_draft, str):
+            self.sync_free_draft = self.sync_free_draft.lower() in ("1", "true", "yes", "on")
         if self.gamma < 1:
             raise BadInput(f"specmoe gamma={self.gamma}: the draft length must be at least 1")
         if self.draft_experts < 1:
@@ -69,8 +78,8 @@ class SpecMoEPolicy(ExpertPolicy):
     resident expert; never copy. verify: exact experts; copy each missing one once for this layer and pass,
     then refresh the layer's draft set from recent usage, keeping copies made this pass instead of re-copying."""
 
-    def __init__(self, n: int, policy: str, decay: float, seed: int):
-        self.n, self.policy, self.decay, self.seed = n, policy, decay, seed
+    def __init__(self, n: int, policy: str, decay: float, seed: int, sync_free: bool = False):
+        self.n, self.policy, self.decay, self.seed, self.sync_free = n, policy, decay, seed, sync_free
         self.mode = "verify"
         self.draft_requests = 0
         self.draft_substituted = 0
@@ -85,6 +94,7 @@ class SpecMoEPolicy(ExpertPolicy):
                    for _ in range(L)]
         self.draft_sets: list[list[int]] = [[] for _ in range(L)]
         self.substitute: list[list[int]] = [[] for _ in range(L)]  # nearest resident expert of every expert
+        self.plans: list[DensePlan | None] = [None] * L  # the same substitution as a device-side table
         for layer in range(L):
             self.set_draft_experts(layer, initial[layer])
 
@@ -98,7 +108,13 @@ class SpecMoEPolicy(ExpertPolicy):
                 self.store.keep(layer, e, fresh[e] if fresh and e in fresh else self.store.copy_to_device(layer, e))
         self.draft_sets[layer] = sorted(experts)
         resident = torch.tensor(self.draft_sets[layer])  # a resident expert is its own nearest (distance 0)
-        self.substitute[layer] = resident[self.distances[layer][:, resident].argmin(dim=1)].tolist()
+        nearest = self.distances[layer][:, resident].argmin(dim=1)  # [E] index into the draft set
+        self.substitute[layer] = resident[nearest].tolist()
+        self.plans[layer] = DensePlan([self.store.resident[(layer, e)] for e in self.draft_sets[layer]],
+                                      nearest.to(self.store.device))
+
+    def dense_plan(self, layer):
+        return self.plans[layer] if self.mode == "draft" and self.sync_free else None
 
     def weights_for(self, layer, experts):
         if self.mode == "draft":
@@ -140,7 +156,7 @@ class SpecMoEEngine(RuntimeEngine):
                                f"layer ({store.expert_bytes * store.num_layers} bytes)")
             n = min(n, fits)
         self.draft_experts = n
-        self.policy = SpecMoEPolicy(n, o.draft_policy, o.decay, o.seed)
+        self.policy = SpecMoEPolicy(n, o.draft_policy, o.decay, o.seed, o.sync_free_draft)
         return self.policy
 
     def _prepare(self, prompts, settings) -> None:
@@ -247,8 +263,9 @@ class SpeculativeDecoder:
             step_times.append(now)
             step_tokens.append(n)
             step += 1
-        stats.update(store.counters.snapshot(), draft_expert_requests=policy.draft_requests,
-                     draft_substituted=policy.draft_substituted, **extra)
+        counted = not policy.sync_free  # a sync-free draft never learns its routing on the host
+        stats.update(store.counters.snapshot(), draft_expert_requests=policy.draft_requests if counted else None,
+                     draft_substituted=policy.draft_substituted if counted else None, **extra)
         return Generation(tokens=out.tokens, prompt_lens=[len(p) for p in prompts], t_start=t_start, t_first=t_first,
                           step_times=step_times, step_tokens=step_tokens, t_end=time.perf_counter(), stats=stats)
 
@@ -274,17 +291,20 @@ class SpeculativeDecoder:
         t0, bytes0 = time.perf_counter(), store.counters.h2d_bytes
         policy.mode = "draft"
         x, drafts, q = pending, [], []  # drafts[j]: [B] token ids; q[j]: [B, V] draft probabilities
+        on_device = policy.sync_free and sampler.settings.greedy  # greedy drafts need not visit the host
         try:
             for _ in range(gamma):
                 logits = state.step(rt, x.to(rt.device)[:, None], dev_active)[:, -1, :]
                 if sampler.settings.greedy:
-                    x = logits.argmax(-1).cpu()
+                    x = logits.argmax(-1) if on_device else logits.argmax(-1).cpu()
                 else:
                     q.append(sampler.probs(logits))
                     x = torch.multinomial(q[-1], 1, generator=sampler.generator)[:, 0]
                 drafts.append(x)
         finally:
             policy.mode = "verify"
+        if on_device:
+            drafts = list(torch.stack(drafts).cpu())  # the step's one host sync for its drafts
         rt.sync()
         stats["draft_time_s"] += time.perf_counter() - t0
         stats["draft_h2d_bytes"] += store.counters.h2d_bytes - bytes0
