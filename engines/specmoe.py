@@ -35,7 +35,8 @@ class SpecMoEOptions:
         "help": "which experts are draft experts: hot-temporal (refreshed from recent verification passes), "
                 "hot-global (most used in a profiling pass, fixed), random (fixed, seeded)"})
     adaptive: bool = field(default=True, metadata={
-        "help": "measure tokens/s with and without speculation as it runs and use the faster"})
+        "help": "measure tokens/s with and without speculation as it runs and use the faster; what it "
+                "learns carries over to the next call with the same batch size"})
     decay: float = field(default=0.8, metadata={"help": "hot-temporal: weight of older passes in expert scores"})
     sync_free_draft: bool = field(default=False, metadata={
         "help": "draft without host syncs: each resident draft expert runs over every token, weighted by the "
@@ -156,6 +157,7 @@ class SpecMoEEngine(RuntimeEngine):
                                f"layer ({store.expert_bytes * store.num_layers} bytes)")
             n = min(n, fits)
         self.draft_experts = n
+        self.adaptive_state: dict[int, dict] = {}  # batch size -> tokens/s of each mode and the step count
         self.policy = SpecMoEPolicy(n, o.draft_policy, o.decay, o.seed, o.sync_free_draft)
         return self.policy
 
@@ -174,8 +176,10 @@ class SpecMoEEngine(RuntimeEngine):
             gen = self.runtime.generate(prompts, settings)
             gen.stats.update(draft_experts_per_layer=self.draft_experts)
             return gen
+        # adaptive: what was learnt about this batch size carries over from one generate call to the next
+        rate = self.adaptive_state.setdefault(len(prompts), {"spec": None, "plain": None, "step": 0})
         return SpeculativeDecoder(self.runtime, self.policy, self.options.gamma, self.options.adaptive).run(
-            prompts, settings, extra=dict(draft_experts_per_layer=self.draft_experts))
+            prompts, settings, extra=dict(draft_experts_per_layer=self.draft_experts), rate=rate)
 
 
     def teacher_forced_logits(self, prompts, continuations):
@@ -226,7 +230,10 @@ class SpeculativeDecoder:
     def __init__(self, runtime: ModelRuntime, policy: SpecMoEPolicy, gamma: int, adaptive: bool):
         self.rt, self.policy, self.gamma, self.adaptive = runtime, policy, gamma, adaptive
 
-    def run(self, prompts: list[list[int]], settings: SamplingSettings, extra: dict) -> Generation:
+    def run(self, prompts: list[list[int]], settings: SamplingSettings, extra: dict,
+            rate: dict | None = None) -> Generation:
+        """rate: the adaptive switch's tokens/s of each mode and its step count, updated in place (an engine
+        passes the same dict on every call with this batch size, so what was learnt carries over)."""
         rt, policy, store = self.rt, self.policy, self.rt.store
         store.reset_counters()
         policy.draft_requests = policy.draft_substituted = 0
@@ -242,10 +249,9 @@ class SpeculativeDecoder:
         t_first = time.perf_counter()
         out.emit_all(pending)
         step_times, step_tokens = [], []
-        rate = {"spec": None, "plain": None}  # tokens/s estimates for the adaptive switch
-        step = 0
+        rate = rate if rate is not None else {"spec": None, "plain": None, "step": 0}
         while not bool(out.done.all()):
-            mode = self.choose(rate, step)
+            mode = self.choose(rate, rate["step"])
             t0 = time.perf_counter()
             active = ~out.done
             if mode == "plain":
@@ -262,7 +268,7 @@ class SpeculativeDecoder:
             stats["seq_steps"] += int(active.sum())
             step_times.append(now)
             step_tokens.append(n)
-            step += 1
+            rate["step"] += 1
         counted = not policy.sync_free  # a sync-free draft never learns its routing on the host
         stats.update(store.counters.snapshot(), draft_expert_requests=policy.draft_requests if counted else None,
                      draft_substituted=policy.draft_substituted if counted else None, **extra)

@@ -13,7 +13,7 @@ from engines import registry
 from engines.errors import BadInput
 from engines.hardware import HardwareProfile
 from engines.runtime import SamplingSettings
-from engines.specmoe import greedy_accept, sample_accept
+from engines.specmoe import SpeculativeDecoder, greedy_accept, sample_accept
 from workloads.models import load_model
 
 CPU = HardwareProfile.parse("cpu")
@@ -82,6 +82,22 @@ def test_sync_free_draft_drafts_what_the_routed_draft_does(model, batch):
     assert fast.stats["drafted_tokens"] == routed.stats["drafted_tokens"] > 0
     assert fast.stats["draft_h2d_bytes"] == 0 and fast.stats["h2d_bytes"] == routed.stats["h2d_bytes"]
     assert fast.stats["draft_substituted"] is None  # not learnt without a host sync: absent, not 0
+
+
+def test_adaptive_mode_keeps_what_it_learnt_between_calls():
+    """After speculation measured slower than plain steps, the next call of the same batch size decodes plainly,
+    probing speculation only every PROBE_EVERY steps, and still gives resident's tokens."""
+    settings = SamplingSettings(max_new_tokens=14)
+    prompts = prompts_of_different_lengths(8, seed=8)
+    engine = loaded("specmoe", "tiny-mixtral-random", torch.float32, gamma=4, adaptive=True)
+    engine.generate(prompts, settings)
+    state = engine.adaptive_state[8]
+    assert state["spec"] is not None and state["plain"] is not None and state["step"] > 0
+    state.update(spec=1e-6, plain=1e9, step=1)  # as if speculation had been hopeless so far
+    gen = engine.generate(prompts, settings)
+    assert gen.tokens == reference_tokens("tiny-mixtral-random", torch.float32, 8, settings)
+    assert gen.stats["spec_steps"] <= 1 + gen.stats["plain_steps"] // SpeculativeDecoder.PROBE_EVERY
+    assert gen.stats["plain_steps"] >= 10
 
 
 def test_nospec_is_the_same_expert_management_without_drafting():
