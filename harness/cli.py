@@ -317,9 +317,11 @@ def list_cmd(what):
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             rows.append([f"cuda:{i}" if i else "cuda", p.name, f"{p.total_memory / 2**30:.0f} GiB"])
-        rows.append(["cuda:budget=SIZE", "a CUDA device whose engines may keep at most SIZE of experts on it "
-                                         "(emulates a smaller GPU), e.g. cuda:budget=24GiB",
-                     "" if torch.cuda.is_available() else "no CUDA device here"])
+        here = "" if torch.cuda.is_available() else "no CUDA device here"
+        rows.append(["cuda:budget=SIZE", "emulates a GPU of SIZE running the whole model: its non-expert weights "
+                                         "first, experts in the rest, e.g. cuda:budget=24GiB", here])
+        rows.append(["cuda:budget=P%", "engines may keep P% of the model's expert bytes on the device, "
+                                       "e.g. cuda:budget=25%", here])
         click.echo(render_table(["hardware", "what it is", "memory"], rows))
 
 
