@@ -10,7 +10,7 @@ import torch
 from .base import Engine
 from .errors import EngineUnavailable
 from .hardware import HardwareProfile, layer_bytes
-from .runtime import Generation, SamplingSettings, left_pad
+from .runtime import Generation, SamplingSettings, left_pad, teacher_forcing_batch
 
 
 class AccelerateEngine(Engine):
@@ -73,13 +73,10 @@ class AccelerateEngine(Engine):
     def teacher_forced_logits(self, prompts: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
         """One forward of the dispatched model over prompt + continuation (left-padded, positions from the mask, as
         `generate` computes them); the logits at the continuation positions, [B, C, V] float32 on the CPU."""
-        C = len(continuations[0])
-        full = [p + c[:-1] for p, c in zip(prompts, continuations)] if C > 1 else prompts
-        ids, mask = left_pad(full, self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = teacher_forcing_batch(prompts, continuations, self.device)
         with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-        return logits[:, -C:, :].float().cpu()
+        return logits[:, -len(continuations[0]):, :].float().cpu()
 
     def close(self) -> None:
         self.model = None

@@ -26,6 +26,14 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def _percent(text: str) -> float | None:
+    """'25' -> 0.25; None when the text is not a number."""
+    try:
+        return float(text) / 100
+    except ValueError:
+        return None
+
+
 def format_bytes(n: float | None) -> str:
     if n is None:
         return "-"
@@ -63,11 +71,8 @@ class HardwareProfile:
         index = int(m.group(1) or 0)
         budget, share = None, None
         if m.group(2) and m.group(2).strip().endswith("%"):
-            try:
-                share = float(m.group(2).strip()[:-1]) / 100
-            except ValueError:
-                share = -1.0
-            if not 0 < share <= 1:
+            share = _percent(m.group(2).strip()[:-1])
+            if share is None or not 0 < share <= 1:
                 raise BadInput(f"hardware {spec!r}: bad expert share {m.group(2)!r}: use a percentage in (0, 100]")
         elif m.group(2):
             budget = parse_size(m.group(2))

@@ -397,12 +397,9 @@ class ModelRuntime:
     def teacher_forced_logits(self, prompts: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
         """Logits at each continuation position given the prompt and the continuation so far (one prefill over
         prompt + continuation). Returns [B, C, V] with C = len of the continuations (all equal)."""
-        C = len(continuations[0])
-        full = [p + c[:-1] for p, c in zip(prompts, continuations)] if C > 1 else prompts
-        ids, mask = left_pad(full, self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = teacher_forcing_batch(prompts, continuations, self.device)
         logits = self.forward(ids, mask, pos, self.new_cache())
-        return logits[:, -C:, :].float().cpu()
+        return logits[:, -len(continuations[0]):, :].float().cpu()
 
 
 @dataclass
@@ -470,6 +467,14 @@ class Outputs:
     def emit_all(self, next_tok: torch.Tensor) -> int:
         """One new token per row ([B]); finished rows ignore theirs."""
         return sum(self.emit(i, [t]) for i, t in enumerate(next_tok.tolist()))
+
+
+def teacher_forcing_batch(prompts: list[list[int]], continuations: list[list[int]], device):
+    """Ids, attention mask and positions [B, L] of prompt + continuation minus its last token, left-padded, so that
+    one forward gives the logits at each of the C continuation positions in its last C columns."""
+    full = [p + c[:-1] for p, c in zip(prompts, continuations)] if len(continuations[0]) > 1 else prompts
+    ids, mask = left_pad(full, device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def left_pad(prompts: list[list[int]], device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

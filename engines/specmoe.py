@@ -46,10 +46,9 @@ class SpecMoEOptions:
 
     def __post_init__(self):
         self.gamma, self.draft_experts = int(self.gamma), int(self.draft_experts)
-        if isinstance(self.adaptive, str):
-            self.adaptive = self.adaptive.lower() in ("1", "true", "yes", "on")
-        if isinstance(self.sync_free_draft, str):
-            self.sync_free_draft = self.sync_free_draft.lower() in ("1", "true", "yes", "on")
+        for flag in ("adaptive", "sync_free_draft"):  # a flag given as text ("true", "off", ...)
+            if isinstance(getattr(self, flag), str):
+                setattr(self, flag, getattr(self, flag).lower() in ("1", "true", "yes", "on"))
         if self.gamma < 1:
             raise BadInput(f"specmoe gamma={self.gamma}: the draft length must be at least 1")
         if self.draft_experts < 1:

@@ -227,7 +227,8 @@ def check_writable(path: str | Path) -> None:
 COMPARE_METRICS = [
     ("tokens_per_s", "{:.1f}"), ("decode_tokens_per_s", "{:.1f}"), ("ttft_ms", "{:.1f}"),
     ("tpot_ms_p50", "{:.2f}"), ("tpot_ms_p99", "{:.2f}"), ("h2d_bytes_per_token", "bytes"),
-    ("h2d_gb_per_s", "{:.1f}"), ("expert_hit_rate", "{:.3f}"), ("tokens_per_step", "{:.2f}"), ("acceptance_rate", "{:.3f}"),
+    ("h2d_gb_per_s", "{:.1f}"), ("expert_hit_rate", "{:.3f}"), ("tokens_per_step", "{:.2f}"),
+    ("acceptance_rate", "{:.3f}"),
     ("equivalent", "bool"),
 ]
 

@@ -388,15 +388,15 @@ def _tail(path: Path, n: int = 40) -> str | None:
 
 
 def run_cell(cell: CellConfig, run: RunDir, save_outputs: bool = False, on_progress=None,
-             env: dict | None = None) -> CellResult:
-    """Run one cell in a child process and write its result file (atomically) before returning it. `env`: the
-    run's environment, read once by the caller, else the cell reads its own."""
+             environment_info: dict | None = None) -> CellResult:
+    """Run one cell in a child process and write its result file (atomically) before returning it.
+    `environment_info`: the run's environment, read once by the caller, else the cell reads its own."""
     stem = cell_filename(cell)[:-5]
     spec_path, out_path = run.tmp_dir / f"{stem}.cell.json", run.tmp_dir / f"{stem}.result.json"
     log_path = run.logs_dir / f"{stem}.log"
     out_path.unlink(missing_ok=True)
     atomic_write_json(spec_path, {"config": asdict(cell), "run_dir": str(run.path.resolve()),
-                                  "save_outputs": save_outputs, "environment": env})
+                                  "save_outputs": save_outputs, "environment": environment_info})
     env = _child_env()
     t0 = time.perf_counter()
     timed_out = False
@@ -470,7 +470,7 @@ def run_matrix(cells: list[CellConfig], run: RunDir, progress, save_outputs: boo
             results.append(done)
             continue
         progress.cell_start(cell)
-        result = run_cell(cell, run, save_outputs, on_progress=progress.cell_progress, env=env)
+        result = run_cell(cell, run, save_outputs, on_progress=progress.cell_progress, environment_info=env)
         progress.cell_done(cell, result)
         results.append(result)
     progress.finish()

@@ -40,7 +40,8 @@ class CellConfig:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.engine_options.items()))
         parts = [self.engine + (f"[{opts}]" if opts else ""), self.model.replace("/", "_"),
                  f"L{self.model_layers}" if self.model_layers else "", self.dtype, f"b{self.batch_size}",
-                 self.hardware.replace(":", "_").replace("=", "-").replace("%", "pct"), self.workload.replace("/", "_"),
+                 self.hardware.replace(":", "_").replace("=", "-").replace("%", "pct"),
+                 self.workload.replace("/", "_"),
                  f"p{self.prompt_len}", f"n{self.max_new_tokens}",
                  f"t{self.temperature}" if self.temperature else "", f"s{self.seed}"]
         return "-".join(p for p in parts if p)

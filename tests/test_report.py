@@ -3,7 +3,7 @@ import re
 
 import pytest
 from click.testing import CliRunner
-from test_regress import make_cell, matrix, write_run
+from test_regress import make_cell, matrix, one_error_line, write_run
 
 from harness.report import build_report, report_command, speedups
 
@@ -108,13 +108,6 @@ def test_run_without_offload_says_why_no_speedup(tmp_path):
     notes = [b.text for b in blocks if b.kind == "note"]
     assert "no `offload` cells to compare against: speedup not drawn" in notes
     assert not (tmp_path / "out" / "speedup.png").exists()
-
-
-def one_error_line(res):
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert res.exit_code == 2, res.output
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    return lines[0]
 
 
 def test_truncated_cell_file_is_one_line_exit_2(tmp_path):
