@@ -56,10 +56,14 @@ results_dir_option = click.option(
 @click.option("--only", "only", multiple=True, metavar="AXIS=V1,V2",
               help="Run only the cells whose AXIS (engine, model, batch_size, hardware, workload) is one of the "
                    "values; repeat to narrow further. Example: --only model=small --only batch_size=1,16")
+@click.option("--process-per", type=click.Choice(["cell", "model"]), default=None,
+              help="cell: every cell in a new process (the default); model: consecutive cells of one model share "
+                   "a process, which saves each cell the imports and device start-up (seconds on a GPU); a cell "
+                   "that fails still costs only itself. Same as process_per in [settings].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; only the final table.")
 @results_dir_option
-def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_outputs, trace, only, quiet,
-        results_dir):
+def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_outputs, trace, only, process_per,
+        quiet, results_dir):
     """Expand a matrix file into cells and measure each in its own process.
 
     Results go to RESULTS_DIR/<run-id>/cells/<cell>.json as each cell finishes; running the same --run-id
@@ -87,6 +91,8 @@ def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_ou
         m.cells = matrix_mod.only(m.cells, only)
     if trace:
         m.cells = [dataclasses.replace(c, nvml_trace=True) for c in m.cells]
+    if process_per:
+        m.cells = [dataclasses.replace(c, process_per=process_per) for c in m.cells]
     if dry_run:
         click.echo(render_table(["#", "engine", "options", "model", "batch", "hardware", "workload", "cell"],
                                 [[str(i + 1), c.engine, json.dumps(c.engine_options) if c.engine_options else "",

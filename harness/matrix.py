@@ -9,6 +9,7 @@ cells, with include/exclude rules and per-engine options. Validation is strict a
     workloads = ["synthetic-ids"]        # optional
     [settings]                            # optional; CellConfig fields shared by every cell
     max_new_tokens = 32
+    process_per = "model"                 # cells of one model share a process ("cell": a process each, default)
     [engines.lru]                         # options of one engine
     capacity = "50%"
     [models."mixtral-8x7b"]               # settings for one model (model_layers, dtype, prompt_len, ...)
@@ -41,6 +42,7 @@ DEFAULT_WORKLOAD = "synthetic-ids"
 SETTINGS = {f.name: f for f in dataclasses.fields(CellConfig)
             if f.name not in set(AXES.values()) | {"engine_options"}}
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "int | None": (int,), "bool": (bool,)}
+PROCESS_PER = ("cell", "model")  # a process per cell, or one shared by consecutive cells of one model
 MATRICES_DIR = Path(__file__).resolve().parent.parent / "matrices"
 
 
@@ -72,6 +74,8 @@ def check_setting(where: str, key: str, value):
                        f"got {_type_name(value)} {value!r}")
     if key == "dtype" and value not in ("float32", "float16", "bfloat16"):
         raise BadInput(f"{where}: dtype {value!r} is not one of float32, float16, bfloat16")
+    if key == "process_per" and value not in PROCESS_PER:
+        raise BadInput(f"{where}: process_per {value!r} is not one of {', '.join(PROCESS_PER)}")
     positive = {"prompt_len", "max_new_tokens", "min_iterations", "model_layers", "timeout_s", "cpu_threads"}
     if key in positive and value <= 0:
         raise BadInput(f"{where}: {key} must be greater than 0, got {value!r}")

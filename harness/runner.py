@@ -3,6 +3,9 @@
 Parent side: `run_matrix` walks the cells, skips those already finished in the run directory, starts
 `python -m harness.runner CELL.json OUT.json` for each other cell under a timeout, and writes the cell's result
 file as soon as the cell ends (the child's result, or a failure written by the parent with the reason).
+With `process_per = "model"`, consecutive cells of one model share a worker process
+(`python -m harness.runner --worker`, cells sent on its stdin) that skips the imports and device start-up a fresh
+process pays; a cell that fails, hangs or kills it still costs that cell only, and the next cell gets a new worker.
 Child side: `measure_cell` loads the model and engine, warms up, then generates until both the minimum number of
 iterations and the minimum duration are reached, checks equivalence against `resident`, and stamps the cell
 valid or invalid with the reason.
@@ -14,6 +17,7 @@ import ctypes
 import hashlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -152,12 +156,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 def measure_cell(cell: CellConfig, run_dir: Path | None = None, save_outputs: bool = False,
-                 env: dict | None = None) -> CellResult:
+                 env: dict | None = None, cells_before: int = 0) -> CellResult:
     """Measure one cell in this process; never raises (a failure becomes a failed or skipped CellResult).
-    `env`: the environment the parent read once for the whole run (reading it takes seconds on a GPU machine)."""
+    `env`: the environment the parent read once for the whole run (reading it takes seconds on a GPU machine).
+    `cells_before`: how many cells this process measured before this one (a shared worker's)."""
     t0 = time.perf_counter()
     result = CellResult(config=cell, status="failed", valid=False,
-                        started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                        started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        process=dict(pid=os.getpid(), cells_before=cells_before,
+                                     peak_rss_reset=_reset_peak_rss() if cells_before else None))
     try:
         result.environment = dict(env) if env else environment()
         result.phase_s["environment"] = round(time.perf_counter() - t0, 3)
@@ -183,8 +190,6 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
         now = time.perf_counter()
         result.phase_s[phase] = round(result.phase_s.get(phase, 0.0) + now - last[0], 3)
         last[0] = now
-
-    import resource
 
     import torch
     from engines import registry
@@ -250,7 +255,7 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
             metrics.nvml["nvml_absent"] = f"hardware {hw.spec!r} is not an NVIDIA GPU: NVML metrics not measured"
         if hw.is_cuda:
             metrics.peak_device_mem_bytes = int(torch.cuda.max_memory_allocated(hw.device))
-        metrics.host_rss_bytes_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        metrics.host_rss_bytes_max = _peak_rss_bytes(result.process)
         setup = dict(engine.setup_stats() or {})
         metrics.setup_h2d_bytes = setup.get("setup_h2d_bytes")
         if ref is not None:
@@ -294,6 +299,31 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
         result.engine_stats["notes"] = notes
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (Linux: write 5 to /proc/self/clear_refs), so that a cell measured
+    in a shared worker reports its own peak, not an earlier cell's. False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes(process: dict) -> int | None:
+    """Peak resident set of this process since it started or since the reset; None (not measured) for a cell
+    in a shared worker whose peak could not be reset, since the peak then may be an earlier cell's."""
+    if process.get("cells_before") and not process.get("peak_rss_reset"):
+        return None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if not process.get("cells_before") else None
+
+
 def _nvml_tracker(hw, cell: CellConfig, notes: list):
     """An NVML tracker around the measured region on CUDA (harness.nvml), else a no-op context."""
     if not hw.is_cuda:
@@ -308,17 +338,49 @@ def _nvml_tracker(hw, cell: CellConfig, notes: list):
         return None, contextlib.nullcontext()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """python -m harness.runner CELL.json OUT.json: measure one cell, write its CellResult to OUT.json."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m harness.runner CELL.json OUT.json", file=sys.stderr)
-        return 2
-    spec = json.loads(Path(argv[0]).read_text())
+def _measure_spec(spec_path: Path, out_path: Path, cells_before: int = 0) -> None:
+    spec = json.loads(spec_path.read_text())
     run_dir = Path(spec["run_dir"]) if spec.get("run_dir") else None
     result = measure_cell(CellConfig(**spec["config"]), run_dir, bool(spec.get("save_outputs")),
-                          spec.get("environment"))
-    atomic_write_json(Path(argv[1]), clean_floats(result.to_dict()))
+                          spec.get("environment"), cells_before)
+    atomic_write_json(out_path, clean_floats(result.to_dict()))
+
+
+def worker(lines) -> int:
+    """A shared cell process: for each line `{"spec": CELL.json, "out": OUT.json}` measure the cell, write its
+    result, then say so on stdout; it ends at the end of its input."""
+    import gc
+
+    import torch
+
+    import engines.registry  # noqa: F401 - the imports a fresh cell process would pay, paid once here
+    import workloads.models  # noqa: F401
+    threads, done = torch.get_num_threads(), 0
+    for line in lines:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        torch.set_num_threads(threads)  # an earlier cell's cpu_threads does not carry over
+        _measure_spec(Path(job["spec"]), Path(job["out"]), cells_before=done)
+        done += 1
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        report(cell_finished=job["out"])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m harness.runner CELL.json OUT.json: measure one cell, write its CellResult to OUT.json.
+    python -m harness.runner --worker: measure the cells named on stdin, one JSON line each (see `worker`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--worker"]:
+        return worker(sys.stdin)
+    if len(argv) != 2:
+        print("usage: python -m harness.runner CELL.json OUT.json | python -m harness.runner --worker",
+              file=sys.stderr)
+        return 2
+    _measure_spec(Path(argv[0]), Path(argv[1]))
     return 0
 
 
@@ -387,37 +449,113 @@ def _tail(path: Path, n: int = 40) -> str | None:
         return None
 
 
+class Worker:
+    """A cell process shared by consecutive cells of one model (process_per = "model"): `python -m harness.runner
+    --worker`, fed one cell per line on its stdin. Its stdout and stderr go to the current cell's log file."""
+
+    def __init__(self, key: tuple):
+        self.key = key
+        self.log = None
+        self.on_progress = None
+        self.finished: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.proc = subprocess.Popen([sys.executable, "-m", "harness.runner", "--worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        self.pumps = [threading.Thread(target=self._pump, args=(stream, is_out), daemon=True)
+                      for stream, is_out in ((self.proc.stdout, True), (self.proc.stderr, False))]
+        for t in self.pumps:
+            t.start()
+
+    def _pump(self, stream, is_stdout: bool) -> None:
+        for line in stream:
+            if is_stdout and line.startswith(PROGRESS_PREFIX):
+                with contextlib.suppress(ValueError):
+                    msg = json.loads(line[len(PROGRESS_PREFIX):])
+                    if "cell_finished" in msg:
+                        self.finished.put(msg["cell_finished"])
+                    elif self.on_progress is not None:
+                        self.on_progress(msg)
+                continue
+            with self.lock:
+                if self.log is not None:
+                    self.log.write(line)
+                    self.log.flush()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def measure(self, spec_path: Path, out_path: Path, log, timeout_s: float, on_progress) -> str:
+        """Send one cell and wait for it: "finished", "timeout" (the worker was killed) or "exited" (the worker
+        died; its exit status is in `self.proc.returncode`)."""
+        with self.lock:
+            self.log, self.on_progress = log, on_progress
+        try:
+            self.proc.stdin.write(json.dumps({"spec": str(spec_path), "out": str(out_path)}) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # it died before this cell
+            self.proc.wait()
+            return self._detach("exited")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                with contextlib.suppress(queue.Empty):
+                    self.finished.get(timeout=0.2)
+                    return self._detach("finished")
+                if not self.alive:
+                    for t in self.pumps:  # what it printed last belongs to this cell's log
+                        t.join(timeout=5)
+                    return self._detach("finished" if not self.finished.empty() else "exited")
+                if time.monotonic() > deadline:
+                    self.kill()
+                    return self._detach("timeout")
+        except BaseException:  # Ctrl-C in the parent: take the worker down with us
+            self.kill()
+            raise
+
+    def _detach(self, status: str) -> str:
+        with self.lock:
+            self.log, self.on_progress = None, None
+        return status
+
+    def stop(self) -> None:
+        """End of its cells: close its input (it exits), or kill it if it does not go within 30 s."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def worker_key(cell: CellConfig) -> tuple | None:
+    """Cells with the same key may share a worker; None: the cell gets a process of its own."""
+    return (cell.model, cell.model_layers, cell.dtype) if cell.process_per == "model" else None
+
+
 def run_cell(cell: CellConfig, run: RunDir, save_outputs: bool = False, on_progress=None,
-             environment_info: dict | None = None) -> CellResult:
-    """Run one cell in a child process and write its result file (atomically) before returning it.
-    `environment_info`: the run's environment, read once by the caller, else the cell reads its own."""
+             environment_info: dict | None = None, worker: Worker | None = None) -> CellResult:
+    """Run one cell in a child process (a new one, or `worker`) and write its result file (atomically) before
+    returning it. `environment_info`: the run's environment, read once by the caller, else the cell reads its own."""
     stem = cell_filename(cell)[:-5]
     spec_path, out_path = run.tmp_dir / f"{stem}.cell.json", run.tmp_dir / f"{stem}.result.json"
     log_path = run.logs_dir / f"{stem}.log"
     out_path.unlink(missing_ok=True)
     atomic_write_json(spec_path, {"config": asdict(cell), "run_dir": str(run.path.resolve()),
                                   "save_outputs": save_outputs, "environment": environment_info})
-    env = _child_env()
     t0 = time.perf_counter()
-    timed_out = False
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "harness.runner", str(spec_path), str(out_path)],
-                                stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent)
-        reader = threading.Thread(target=_read_progress, args=(proc.stdout, log, on_progress), daemon=True)
-        reader.start()
-        try:
-            proc.wait(timeout=cell.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except BaseException:  # Ctrl-C in the parent: take the cell process down with us
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            raise
-        reader.join(timeout=5)
+        if worker is not None:
+            timed_out = worker.measure(spec_path, out_path, log, cell.timeout_s, on_progress) == "timeout"
+            returncode = worker.proc.returncode
+        else:
+            timed_out, returncode = _run_process(spec_path, out_path, log, cell.timeout_s, on_progress)
     wall = time.perf_counter() - t0
     result = None
     if timed_out:
@@ -432,8 +570,8 @@ def run_cell(cell: CellConfig, run: RunDir, save_outputs: bool = False, on_progr
         except (OSError, ValueError, TypeError, KeyError) as exc:
             result = _failure(cell, f"the cell process wrote an unreadable result ({exc})", _tail(log_path), wall)
     if result is None:
-        rc = proc.returncode
-        if rc < 0:
+        rc = returncode
+        if rc is not None and rc < 0:
             name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
             why = " (the kernel's out-of-memory killer sends this; see dmesg)" if -rc == signal.SIGKILL else ""
             error = f"the cell process was killed by {name}{why}"
@@ -444,6 +582,29 @@ def run_cell(cell: CellConfig, run: RunDir, save_outputs: bool = False, on_progr
     spec_path.unlink(missing_ok=True)
     out_path.unlink(missing_ok=True)
     return result
+
+
+def _run_process(spec_path: Path, out_path: Path, log, timeout_s: float, on_progress) -> tuple[bool, int]:
+    """One cell in a new process; returns (timed out, exit status)."""
+    proc = subprocess.Popen([sys.executable, "-m", "harness.runner", str(spec_path), str(out_path)],
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=_child_env(), start_new_session=True,
+                            preexec_fn=_die_with_parent)
+    reader = threading.Thread(target=_read_progress, args=(proc.stdout, log, on_progress), daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except BaseException:  # Ctrl-C in the parent: take the cell process down with us
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    reader.join(timeout=5)
+    return timed_out, proc.returncode
 
 
 def _read_progress(stream, log, on_progress) -> None:
@@ -459,22 +620,44 @@ def _read_progress(stream, log, on_progress) -> None:
 
 def run_matrix(cells: list[CellConfig], run: RunDir, progress, save_outputs: bool = False,
                retry_failed: bool = False, env: dict | None = None) -> list[CellResult]:
-    """Run every cell that has not finished in `run`; return the results of all cells, in matrix order."""
-    results = []
+    """Run every cell that has not finished in `run`; return the results of all cells, in matrix order.
+    Cells that may share a worker process (`worker_key`) run one after another, in matrix order among themselves."""
+    results, worker = {}, None
     env = env or environment()  # once per run: the same for every cell, and seconds to read on a GPU machine
+    first: dict = {}
+    groups = [first.setdefault(worker_key(c) or ("cell", i), i) for i, c in enumerate(cells)]
+    order = sorted(range(len(cells)), key=lambda i: (groups[i], i))
     progress.start(len(cells))
-    for cell in cells:
+    for i in order:
+        cell = cells[i]
         done = run.finished(cell)
         if done is not None and not (retry_failed and done.status == "failed"):
             progress.cell_done(cell, done, resumed=True)
-            results.append(done)
+            results[i] = done
             continue
         progress.cell_start(cell)
-        result = run_cell(cell, run, save_outputs, on_progress=progress.cell_progress, environment_info=env)
+        key = worker_key(cell)
+        if worker is not None and (key != worker.key or not worker.alive):
+            worker.stop()
+            worker = None
+        if key is not None and worker is None:
+            worker = Worker(key)
+        try:
+            result = run_cell(cell, run, save_outputs, on_progress=progress.cell_progress, environment_info=env,
+                              worker=worker)
+        except BaseException:
+            if worker is not None:
+                worker.kill()
+            raise
+        if worker is not None and result.status == "failed":  # a fresh process for the next cell
+            worker.stop()
+            worker = None
         progress.cell_done(cell, result)
-        results.append(result)
+        results[i] = result
+    if worker is not None:
+        worker.stop()
     progress.finish()
-    return results
+    return [results[i] for i in range(len(cells))]
 
 
 if __name__ == "__main__":

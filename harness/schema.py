@@ -34,6 +34,9 @@ class CellConfig:
     timeout_s: float = 600.0  # the cell's process is killed after this
     nvml_trace: bool = False  # keep every NVML reading of the measured region (the timeline) in the cell file
     cpu_threads: int | None = None  # torch intra-op threads in the cell process (None: torch's default)
+    # "cell": every cell in a process of its own (the safest isolation); "model": consecutive cells of one model
+    # (same model, layers, dtype) share a process, which saves each cell the imports and device start-up
+    process_per: str = "cell"
 
     def key(self) -> str:
         """Stable identity of the cell inside a run (used for resume and for matching cells across runs)."""
@@ -107,6 +110,7 @@ class CellResult:
     started_at: str | None = None
     wall_s: float | None = None
     phase_s: dict[str, float] = field(default_factory=dict)  # where the cell's wall time went (load, reference, ...)
+    process: dict[str, Any] = field(default_factory=dict)  # the process it ran in: pid, cells it measured before
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:

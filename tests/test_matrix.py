@@ -74,6 +74,8 @@ def test_expands_product_with_rules_and_options():
     ("[settings]\nseed = 1\n", "m.toml: missing [matrix] table"),
     (GOOD.replace("max_new_tokens = 8", "max_new_tokens = 8\nnvml_trace = 1"),
      "m.toml: [settings]: nvml_trace must be true or false, got an integer 1"),
+    (GOOD.replace("max_new_tokens = 8", 'max_new_tokens = 8\nprocess_per = "engine"'),
+     "m.toml: [settings]: process_per 'engine' is not one of cell, model"),
 ])
 def test_bad_matrix_names_file_and_key(text, expected):
     with pytest.raises(BadInput) as err:

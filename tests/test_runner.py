@@ -1,5 +1,6 @@
 """Cell isolation for real: engines that raise, run out of memory, die by a signal or hang cost their own cell
-only, and a run killed with SIGKILL resumes without losing or repeating a finished cell."""
+only (in a process of their own or in a worker shared by the cells of one model), and a run killed with SIGKILL
+resumes without losing or repeating a finished cell."""
 import json
 import os
 import signal
@@ -15,12 +16,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 # A third-party engine package, registered through the entry-point group like any plug-in.
 PLUGIN = '''
-import os, signal, time
+import os, signal, sys, time
 from engines.baselines import OffloadEngine
 
 class RaiseEngine(OffloadEngine):
     name = "boom-raise"
     def generate(self, prompts, settings):
+        print("boom-raise was here", file=sys.stderr)
         raise RuntimeError("boom: this engine fails on purpose")
 
 class OomEngine(OffloadEngine):
@@ -55,7 +57,7 @@ def plugin_env(tmp_path_factory):
     return env
 
 
-def write_matrix(path: Path, engines, batch_sizes=(1,), timeout_s=300) -> Path:
+def write_matrix(path: Path, engines, batch_sizes=(1,), timeout_s=300, process_per="cell") -> Path:
     path.write_text(textwrap.dedent(f"""
         [matrix]
         engines = {json.dumps(list(engines))}
@@ -69,6 +71,7 @@ def write_matrix(path: Path, engines, batch_sizes=(1,), timeout_s=300) -> Path:
         min_iterations = 1
         timeout_s = {timeout_s}
         cpu_threads = 1
+        process_per = "{process_per}"
         """))
     return path
 
@@ -143,3 +146,30 @@ def test_sigkill_mid_run_loses_and_repeats_no_finished_cell(tmp_path, plugin_env
     assert all(after[name] == before[name] for name in before)  # not rewritten, not repeated
     assert out.stderr.count("already finished, skipped") == len(before)
     assert all(c["status"] == "ok" for c in cells(run_dir).values())
+
+
+def test_cells_of_one_model_share_a_worker_and_a_failure_costs_its_cell_only(tmp_path, plugin_env):
+    engines = ["offload", "lru", "boom-raise", "resident", "boom-kill", "specmoe", "boom-hang", "nospec"]
+    m = write_matrix(tmp_path / "m.toml", engines, timeout_s=20, process_per="model")
+    out = subprocess.run(cli("run", str(m), "--run-id", "r", "--results-dir", str(tmp_path / "runs")),
+                         env=plugin_env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stderr
+    by = {c["config"]["engine"]: c for c in cells(tmp_path / "runs" / "r").values()}
+    assert by["boom-raise"]["error"] == "RuntimeError: boom: this engine fails on purpose"
+    assert "killed by SIGKILL" in by["boom-kill"]["error"]
+    assert by["boom-hang"]["error"].startswith("timed out after 20 s")
+    ok = [e for e in engines if not e.startswith("boom")]
+    assert all(by[e]["status"] == "ok" and by[e]["valid"] and by[e]["metrics"]["equivalent"] for e in ok)
+    # one worker until a cell fails; each failure hands the next cell a new process
+    proc = {e: by[e]["process"] for e in engines if by[e]["process"]}
+    assert [proc[e]["cells_before"] for e in ("offload", "lru", "boom-raise")] == [0, 1, 2]
+    assert len({proc[e]["pid"] for e in ("offload", "lru", "boom-raise")}) == 1
+    assert proc["resident"]["cells_before"] == proc["specmoe"]["cells_before"] == proc["nospec"]["cells_before"] == 0
+    assert len({proc[e]["pid"] for e in ("offload", "resident", "specmoe", "nospec")}) == 4
+    # a later cell in the worker reports its own peak memory, and pays no imports
+    assert proc["lru"]["peak_rss_reset"] is True and by["lru"]["metrics"]["host_rss_bytes_max"] > 0
+    assert by["lru"]["phase_s"]["process"] < by["offload"]["phase_s"]["process"]
+    # each cell's log holds what was printed while it ran
+    logs = {p.name.split("-")[0] + ("-" + p.name.split("-")[1] if p.name.startswith("boom") else ""): p.read_text()
+            for p in (tmp_path / "runs" / "r" / "logs").glob("*.log")}
+    assert "boom-raise was here" in logs["boom-raise"] and "boom" not in logs["lru"] + logs["resident"]
