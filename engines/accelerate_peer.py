@@ -72,8 +72,10 @@ class AccelerateEngine(Engine):
 
     def teacher_forced_logits(self, prompts: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
         """One forward of the dispatched model over prompt + continuation (left-padded, positions from the mask, as
-        `generate` computes them); the logits at the continuation positions, [B, C, V] float32 on the CPU."""
-        ids, mask, pos = teacher_forcing_batch(prompts, continuations, self.device)
+        `generate` computes them); the logits at the continuation positions, [B, C, V] float32 on the CPU. The
+        inputs go where transformers' `generate` puts them: the device of the model's first weights, which is the
+        CPU when device_map placed the embeddings there."""
+        ids, mask, pos = teacher_forcing_batch(prompts, continuations, self.model.device)
         with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         return logits[:, -len(continuations[0]):, :].float().cpu()

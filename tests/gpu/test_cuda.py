@@ -64,17 +64,49 @@ def test_specmoe_in_float32_on_cuda_matches_resident_to_rounding(model, capsys):
     assert eq.teacher_forced_top1 >= 0.999
 
 
-def test_accelerate_offload_agrees_with_resident_on_cuda(capsys):
-    """transformers + accelerate with half the experts allowed on the device, bf16, scored by teacher forcing."""
+def _hf_logits(model, prompts, continuations, device):
+    from engines.runtime import teacher_forcing_batch
+    ids, mask, pos = teacher_forcing_batch(prompts, continuations, device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    return logits[:, -len(continuations[0]):, :].float().cpu()
+
+
+def _top1(a, b):
+    return (a.argmax(-1) == b.argmax(-1)).double().mean().item(), (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("model", ["tiny-mixtral-random", "tiny-qwen2moe-random"])
+def test_accelerate_offload_agrees_with_resident_on_cuda(model, capsys):
+    """transformers + accelerate with half the experts allowed on the device, bf16, scored by teacher forcing.
+    Printed beside it: transformers' own forward with every weight on the GPU, so that a gap to `resident` can be
+    told apart: from accelerate's offload (accelerate vs transformers on the GPU) or from transformers' bf16
+    kernels against the runtime's (transformers on the GPU vs resident)."""
+    from harness.equivalence import teacher_forcing_inputs
     prompts, settings = _prompts(8), SamplingSettings(max_new_tokens=16)
     ref = registry.create("resident")
-    ref.load(load_model("tiny-mixtral-random", dtype=torch.bfloat16), HardwareProfile.parse("cuda"))
+    ref.load(load_model(model, dtype=torch.bfloat16), HardwareProfile.parse("cuda"))
     ref_tokens, ref_logits = reference(ref, prompts, settings)
+    ref.close()
+    conts = teacher_forcing_inputs(prompts, ref_tokens)
+    native = load_model(model, dtype=torch.bfloat16).model.to("cuda")
+    native_logits = _hf_logits(native, prompts, conts, torch.device("cuda"))
+    impl = getattr(native.config, "_experts_implementation", None)
+    del native
     engine = registry.create("accelerate")
-    engine.load(load_model("tiny-mixtral-random", dtype=torch.bfloat16), HardwareProfile.parse("cuda:budget=50%"))
+    engine.load(load_model(model, dtype=torch.bfloat16), HardwareProfile.parse("cuda:budget=50%"))
     devices = sorted({str(p.device) for p in engine.model.parameters()})
     eq = check_engine(engine, prompts, settings, ref_tokens, ref_logits)
+    acc_logits = engine.teacher_forced_logits(prompts, conts)
+    engine.close()
+    (n_top1, n_diff), (a_top1, a_diff) = _top1(native_logits, ref_logits), _top1(acc_logits, native_logits)
     with capsys.disabled():
-        print(f"\naccelerate: weights on {devices}; exact={eq.exact_match_rate:.3f} "
-              f"top1={eq.teacher_forced_top1:.4f} max|dlogit|={eq.max_abs_logit_diff:.3g}")
-    assert eq.teacher_forced_top1 >= 0.99
+        print(f"\n{model} accelerate: weights on {devices}; vs resident: exact={eq.exact_match_rate:.3f} "
+              f"top1={eq.teacher_forced_top1:.4f} max|dlogit|={eq.max_abs_logit_diff:.3g}\n"
+              f"  transformers on the GPU (experts implementation {impl!r}) vs resident: top1={n_top1:.4f} "
+              f"max|dlogit|={n_diff:.3g}\n  accelerate vs transformers on the GPU: top1={a_top1:.4f} "
+              f"max|dlogit|={a_diff:.3g}")
+    assert a_top1 >= 0.99  # the offload itself
+    # against resident: the 99% bar, or no worse than transformers' own forward on the GPU (its bf16 kernels
+    # differ from the runtime's; on CPU the two agree exactly in float32)
+    assert eq.teacher_forced_top1 >= min(0.99, n_top1)
