@@ -68,9 +68,20 @@ def _with_layers(config: PretrainedConfig, layers: int | None) -> tuple[Pretrain
 
 
 def build_from_config(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Random weights drawn in float32 (the same values at every dtype), then cast to `dtype`. Non-persistent
+    buffers (the rotary frequencies) stay as transformers computed them, in float32, as `from_pretrained` leaves
+    them: cast to bf16 they would put every position's rotation off by up to 1e-4 and change the logits."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.to(dtype).eval()
+    computed = {}
+    for module in model.modules():
+        for name in getattr(module, "_non_persistent_buffers_set", ()):
+            if module._buffers.get(name) is not None:
+                computed[(module, name)] = module._buffers[name]
+    model.to(dtype)
+    for (module, name), buf in computed.items():
+        module._buffers[name] = buf
+    return model.eval()
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, layers: int | None = None, seed: int = 0) -> LoadedModel:

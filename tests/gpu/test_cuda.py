@@ -107,6 +107,4 @@ def test_accelerate_offload_agrees_with_resident_on_cuda(model, capsys):
               f"max|dlogit|={n_diff:.3g}\n  accelerate vs transformers on the GPU: top1={a_top1:.4f} "
               f"max|dlogit|={a_diff:.3g}")
     assert a_top1 >= 0.99  # the offload itself
-    # against resident: the 99% bar, or no worse than transformers' own forward on the GPU (its bf16 kernels
-    # differ from the runtime's; on CPU the two agree exactly in float32)
-    assert eq.teacher_forced_top1 >= min(0.99, n_top1)
+    assert eq.teacher_forced_top1 >= 0.99
