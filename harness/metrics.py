@@ -27,8 +27,10 @@ from engines.runtime import Generation
 from .schema import Metrics
 
 # Per-iteration values kept in CellResult.samples (significance tests compare these across runs).
+# max_step_ms (the longest decode step) and host_gc_ms (Python's garbage collector inside the call, timed by the
+# runner) are there to tell an iteration with a stall from a uniformly slow one.
 SAMPLE_KEYS = ("tokens_per_s", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "e2e_latency_ms",
-               "tpot_ms_p50", "h2d_bytes_per_token", "h2d_gb_per_s")
+               "tpot_ms_p50", "h2d_bytes_per_token", "h2d_gb_per_s", "max_step_ms", "host_gc_ms")
 
 
 def _ratio(num, den) -> float | None:
@@ -72,6 +74,8 @@ def iteration_values(g: Generation) -> dict[str, float | None]:
         "h2d_bytes_per_token": _ratio(stats.get("h2d_bytes"), out_tokens),
         "h2d_gb_per_s": None if stats.get("h2d_bytes") is None else stats["h2d_bytes"] / e2e / 1e9,
         "tpot_ms_p50": percentile(tpot_samples_ms(g), 50),  # this iteration's median, for significance tests
+        "max_step_ms": max(((b - a) * 1e3 for a, b in zip([g.t_first] + g.step_times, g.step_times)), default=None),
+        "host_gc_ms": stats.get("host_gc_ms"),
     }
 
 

@@ -236,10 +236,12 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
         lap("warmup")
         tracker, tracker_ctx = _nvml_tracker(hw, cell, notes)
         gens = []
-        with tracker_ctx:
+        with tracker_ctx, GcTimer() as gc_timer:
             t_begin = time.perf_counter()
             while len(gens) < cell.min_iterations or time.perf_counter() - t_begin < cell.min_duration_s:
+                gc_before = gc_timer.total_ms
                 gens.append(engine.generate(prompts, settings))
+                gens[-1].stats = dict(gens[-1].stats or {}, host_gc_ms=gc_timer.total_ms - gc_before)
                 report(phase="measure", iteration=len(gens), tokens=sum(len(t) for g in gens for t in g.tokens))
         lap("measure")
         metrics, samples = compute(gens)
@@ -297,6 +299,29 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
     result.invalid_reason = "; ".join(reasons) or None
     if notes:
         result.engine_stats["notes"] = notes
+
+
+class GcTimer:
+    """Wall time Python's cyclic garbage collector spends while active (gc.callbacks), in ms."""
+
+    def __init__(self):
+        self.total_ms, self._t0 = 0.0, None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.total_ms += (time.perf_counter() - self._t0) * 1e3
+            self._t0 = None
+
+    def __enter__(self):
+        import gc
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+        gc.callbacks.remove(self._callback)
 
 
 def _reset_peak_rss() -> bool:

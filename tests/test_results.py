@@ -36,6 +36,19 @@ def test_metrics_of_plain_decoding():
     assert m.peak_device_mem_bytes is None
     assert samples["tokens_per_s"] == pytest.approx([40.0, 40.0])
     assert samples["tpot_ms_p50"] == pytest.approx([20.0, 20.0])
+    assert samples["max_step_ms"] == pytest.approx([40.0, 40.0])  # the longest decode step of each iteration
+    assert "host_gc_ms" not in samples  # the runner times the garbage collector; here nobody did
+
+
+def test_the_runner_times_the_garbage_collector_inside_a_call():
+    import gc
+
+    from harness.runner import GcTimer
+    with GcTimer() as timer:
+        junk = [[i] for i in range(200_000)]
+        gc.collect()
+        del junk
+    assert timer.total_ms > 0 and timer._callback not in gc.callbacks
 
 
 def test_metrics_of_speculative_decoding():

@@ -107,6 +107,7 @@ def test_failing_cells_are_recorded_and_the_run_goes_on(tmp_path, plugin_env):
     phases = ok["phase_s"]
     assert {"load_model", "reference", "engine_load", "warmup", "measure", "equivalence", "process"} <= set(phases)
     assert sum(phases.values()) <= ok["wall_s"] + 0.01 and ok["metrics"]["h2d_gb_per_s"] > 0
+    assert ok["samples"]["host_gc_ms"][0] >= 0 and ok["samples"]["max_step_ms"][0] > 0
     nvml = ok["metrics"]["nvml"]  # no NVIDIA GPU in a cpu cell: every NVML metric absent, with the reason
     assert "not an NVIDIA GPU" in nvml["nvml_absent"]
     assert nvml["pcie_rx_bytes"] is None and nvml["joules_per_token"] is None and nvml["energy_j"] is None
