@@ -32,6 +32,13 @@ results_dir_option = click.option(
     show_default=True, help="Directory that holds one sub-directory per run.")
 
 
+process_per_option = click.option(
+    "--process-per", type=click.Choice(["cell", "model"]), default=None,
+    help="cell: every cell in a new process (the default); model: the cells of one model share a process, which "
+         "saves each cell the imports and device start-up (seconds on a GPU); a cell that fails still costs only "
+         "itself. Same as process_per in a matrix's [settings].")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # run
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,10 +63,7 @@ results_dir_option = click.option(
 @click.option("--only", "only", multiple=True, metavar="AXIS=V1,V2",
               help="Run only the cells whose AXIS (engine, model, batch_size, hardware, workload) is one of the "
                    "values; repeat to narrow further. Example: --only model=small --only batch_size=1,16")
-@click.option("--process-per", type=click.Choice(["cell", "model"]), default=None,
-              help="cell: every cell in a new process (the default); model: consecutive cells of one model share "
-                   "a process, which saves each cell the imports and device start-up (seconds on a GPU); a cell "
-                   "that fails still costs only itself. Same as process_per in [settings].")
+@process_per_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; only the final table.")
 @results_dir_option
 def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_outputs, trace, only, process_per,
@@ -261,11 +265,12 @@ def _coerce_option(engine: str, name: str, value: str):
               help="Also write the rows (one per cell, every metric) to this JSON file.")
 @click.option("--run-id", help="Name of the run directory (an existing one is resumed).")
 @click.option("--save-outputs", is_flag=True, help="Store prompt and generated token ids in each cell file.")
+@process_per_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; only the final table.")
 @results_dir_option
 def compare(engines, models, batch_sizes, hardware, workload, prompt_len, max_new_tokens, iterations,
             min_duration_s, warmup, model_layers, dtype, timeout_s, cpu_threads, options, json_path, run_id,
-            save_outputs, quiet, results_dir):
+            save_outputs, process_per, quiet, results_dir):
     """Run ENGINES on the same cells and print one table, engines side by side, each metric with its ratio to
     the first engine listed. The cells are stored as a run under RESULTS_DIR like any other run."""
     from engines.registry import parse_engine_list
@@ -280,7 +285,7 @@ def compare(engines, models, batch_sizes, hardware, workload, prompt_len, max_ne
                         engine_options=dict(opts.get(e, {})), model_layers=model_layers, dtype=dtype,
                         prompt_len=prompt_len, max_new_tokens=max_new_tokens, warmup=warmup,
                         min_iterations=iterations, min_duration_s=min_duration_s, timeout_s=timeout_s,
-                        cpu_threads=cpu_threads)
+                        cpu_threads=cpu_threads, process_per=process_per or "cell")
              for mdl in (models or (default_model(),)) for hw in (hardware or (default_hardware(),))
              for b in bs for e in names]
     matrix_mod.validate_cells(cells, "compare")
