@@ -88,12 +88,16 @@ def test_training_is_deterministic_and_the_checkpoint_loads(tmp_path):
     b = train("tiny", toy_corpus(), tmp_path / "b", seed=3, progress=False, **SMALL_ON_CPU)
     assert a.metrics["loss_curve"] == b.metrics["loss_curve"]
     assert a.metrics["heldout_loss"] == b.metrics["heldout_loss"]
+    assert a.metrics["weights_sha256"] == b.metrics["weights_sha256"]  # on CPU the same weights, bit for bit
+    other = train("tiny", toy_corpus(), tmp_path / "c", seed=4, progress=False, **SMALL_ON_CPU)
+    assert other.metrics["weights_sha256"] != a.metrics["weights_sha256"]
     saved = json.loads((tmp_path / "a" / "training.json").read_text())
     for key in ("heldout_loss", "heldout_perplexity", "unigram_loss", "train_tokens_per_s", "wall_seconds",
                 "expert_usage_entropy", "entropy_max", "corpus_fingerprint"):
         assert key in saved
     loaded = load_model(str(tmp_path / "a"))
     assert loaded.source == "checkpoint" and loaded.tokenizer is not None
+    assert saved["weights_sha256"] == a.metrics["weights_sha256"]
     assert loaded.model.config.num_local_experts == 8 and loaded.model.config.output_router_logits is False
 
 

@@ -167,7 +167,7 @@ def _training_notes(path: Path) -> dict:
     import json
     info = json.loads((path / "training.json").read_text())
     keep = ("heldout_loss", "heldout_perplexity", "unigram_loss", "corpus", "corpus_fingerprint", "seed",
-            "train_tokens_seen", "expert_usage_entropy", "entropy_max")
+            "train_tokens_seen", "expert_usage_entropy", "entropy_max", "weights_sha256")
     return {k: info[k] for k in keep if k in info}
 
 

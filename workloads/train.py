@@ -294,6 +294,7 @@ def _train(p: TrainPreset, corpus: Corpus, out: Path, seed: int, dev: torch.devi
                    loss_curve=losses, format_version=FORMAT_VERSION,
                    torch_version=torch.__version__, transformers_version=_tf_version())
     _save(model, tokenizer, metrics, out, p)
+    metrics["weights_sha256"] = weights_fingerprint(out)
     metrics["wall_seconds"] = round(time.perf_counter() - t_begin, 1)
     (out / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _log(progress, summary(metrics))
@@ -369,6 +370,18 @@ def _build(config, seed: int, dev: torch.device) -> torch.nn.Module:
     if dev.type == "cuda":
         model.set_experts_implementation("eager")
     return model
+
+
+def weights_fingerprint(checkpoint: Path) -> str:
+    """sha256 over the checkpoint's weight files (names and bytes, in name order): the same recipe and seed can
+    give other weights on another GPU or run (GPU training is not bit-reproducible), and this tells them apart."""
+    h = hashlib.sha256()
+    for f in sorted(checkpoint.glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _save(model, tokenizer, metrics: dict, out: Path, p: TrainPreset) -> None:
