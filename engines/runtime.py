@@ -6,6 +6,7 @@ in the decode loop; the arithmetic of every expert is this file's `_run_experts`
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class ExpertStore:
         if self.device.type == "cpu":
             out = {name: t.clone() for name, t in src.items()}  # a real memcpy, so CPU runs still move the bytes
         else:
-            with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 out = {name: torch.empty_like(t, device=self.device).copy_(t, non_blocking=True)
                        for name, t in src.items()}
         self.counters.h2d_bytes += self.expert_bytes
@@ -86,14 +87,6 @@ class ExpertStore:
 
     def reset_counters(self) -> None:
         self.counters = StoreCounters()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ results_dir_option = click.option(
 
 
 process_per_option = click.option(
-    "--process-per", type=click.Choice(["cell", "model"]), default=None,
+    "--process-per", type=click.Choice(matrix_mod.PROCESS_PER), default=None,
     help="cell: every cell in a new process (the default); model: the cells of one model share a process, which "
          "saves each cell the imports and device start-up (seconds on a GPU); a cell that fails still costs only "
          "itself. Same as process_per in a matrix's [settings].")

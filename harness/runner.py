@@ -337,16 +337,17 @@ def _reset_peak_rss() -> bool:
 def _peak_rss_bytes(process: dict) -> int | None:
     """Peak resident set of this process since it started or since the reset; None (not measured) for a cell
     in a shared worker whose peak could not be reset, since the peak then may be an earlier cell's."""
-    if process.get("cells_before") and not process.get("peak_rss_reset"):
-        return None
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
+        if not process.get("cells_before") or process.get("peak_rss_reset"):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
     except (OSError, ValueError, IndexError):
         pass
+    if process.get("cells_before"):  # the process-lifetime peak below may be an earlier cell's
+        return None
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if not process.get("cells_before") else None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _nvml_tracker(hw, cell: CellConfig, notes: list):
@@ -416,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _child_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + rest)
     return env
 
 
@@ -487,25 +489,23 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "harness.runner", "--worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
                                      start_new_session=True, preexec_fn=_die_with_parent)
-        self.pumps = [threading.Thread(target=self._pump, args=(stream, is_out), daemon=True)
-                      for stream, is_out in ((self.proc.stdout, True), (self.proc.stderr, False))]
+        self.pumps = [threading.Thread(target=_read_progress, args=(stream, self._write_log, on_message),
+                                       daemon=True)
+                      for stream, on_message in ((self.proc.stdout, self._on_message), (self.proc.stderr, None))]
         for t in self.pumps:
             t.start()
 
-    def _pump(self, stream, is_stdout: bool) -> None:
-        for line in stream:
-            if is_stdout and line.startswith(PROGRESS_PREFIX):
-                with contextlib.suppress(ValueError):
-                    msg = json.loads(line[len(PROGRESS_PREFIX):])
-                    if "cell_finished" in msg:
-                        self.finished.put(msg["cell_finished"])
-                    elif self.on_progress is not None:
-                        self.on_progress(msg)
-                continue
-            with self.lock:
-                if self.log is not None:
-                    self.log.write(line)
-                    self.log.flush()
+    def _on_message(self, msg: dict) -> None:
+        if "cell_finished" in msg:
+            self.finished.put(msg["cell_finished"])
+        elif self.on_progress is not None:
+            self.on_progress(msg)
+
+    def _write_log(self, line: str) -> None:
+        with self.lock:
+            if self.log is not None:
+                self.log.write(line)
+                self.log.flush()
 
     @property
     def alive(self) -> bool:
@@ -614,7 +614,12 @@ def _run_process(spec_path: Path, out_path: Path, log, timeout_s: float, on_prog
     proc = subprocess.Popen([sys.executable, "-m", "harness.runner", str(spec_path), str(out_path)],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=_child_env(), start_new_session=True,
                             preexec_fn=_die_with_parent)
-    reader = threading.Thread(target=_read_progress, args=(proc.stdout, log, on_progress), daemon=True)
+    def write_log(line: str) -> None:
+        log.write(line)
+        log.flush()
+
+    reader = threading.Thread(target=_read_progress, args=(proc.stdout, write_log, on_progress or (lambda msg: None)),
+                              daemon=True)
     reader.start()
     timed_out = False
     try:
@@ -632,15 +637,15 @@ def _run_process(spec_path: Path, out_path: Path, log, timeout_s: float, on_prog
     return timed_out, proc.returncode
 
 
-def _read_progress(stream, log, on_progress) -> None:
+def _read_progress(stream, write_log, on_message=None) -> None:
+    """Route a cell process's output: progress lines (PROGRESS_PREFIX + JSON) to `on_message`, everything else (and
+    everything when `on_message` is None) to `write_log`."""
     for line in stream:
-        if line.startswith(PROGRESS_PREFIX):
-            if on_progress is not None:
-                with contextlib.suppress(ValueError):
-                    on_progress(json.loads(line[len(PROGRESS_PREFIX):]))
+        if on_message is not None and line.startswith(PROGRESS_PREFIX):
+            with contextlib.suppress(ValueError):
+                on_message(json.loads(line[len(PROGRESS_PREFIX):]))
         else:
-            log.write(line)
-            log.flush()
+            write_log(line)
 
 
 def run_matrix(cells: list[CellConfig], run: RunDir, progress, save_outputs: bool = False,

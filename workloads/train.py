@@ -7,6 +7,7 @@ entropy). `trained_checkpoint("tiny")` caches the result per machine, trained at
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -241,7 +242,7 @@ def _train(p: TrainPreset, corpus: Corpus, out: Path, seed: int, dev: torch.devi
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=p.lr, betas=(0.9, 0.95),
                             **({"fused": True} if dev.type == "cuda" else {}))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -310,7 +311,7 @@ def evaluate(model, held_w: torch.Tensor, train_stream: torch.Tensor, p: TrainPr
     usage = None  # [L, E] tokens routed per expert
     router_entropy = None  # [L] sum over tokens of the router distribution's entropy
     total_loss, total_tokens = 0.0, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     for start in range(0, held_w.shape[0], 8):
         x = held_w[start:start + 8].to(dev)
         with autocast:
@@ -448,14 +449,6 @@ def trained_checkpoint(name: str, seed: int = 0, progress: bool = True) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _NoBar:
