@@ -130,7 +130,7 @@ class RuntimeEngine(Engine):
 
     def close(self) -> None:
         if hasattr(self, "runtime"):
-            self.runtime.store.resident.clear()
+            self.runtime.release()
             del self.runtime
         import gc
 

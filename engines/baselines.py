@@ -18,15 +18,18 @@ import torch
 from .base import RuntimeEngine
 from .errors import BadInput
 from .hardware import HardwareProfile, parse_size
-from .runtime import ExpertPolicy, ExpertStore, ExpertWeights
+from .runtime import ExpertPolicy
+from .store import ExpertStore
 
 
 class ResidentPolicy(ExpertPolicy):
-    def bind(self, store: ExpertStore) -> None:
-        super().bind(store)
-        for layer in range(store.num_layers):
-            for e in range(store.num_experts):
-                store.keep(layer, e, store.copy_to_device(layer, e))
+    def slots(self, store: ExpertStore) -> int:
+        return store.num_layers * store.num_experts
+
+    def setup(self) -> None:
+        for layer in range(self.store.num_layers):
+            for e in range(self.store.num_experts):
+                self.store.keep(layer, e)
 
 
 class ResidentEngine(RuntimeEngine):
@@ -53,46 +56,52 @@ class OffloadEngine(RuntimeEngine):
 
 class OverlapPolicy(ExpertPolicy):
     """Copies layer l+1's experts (known from the trace) while layer l computes. On CUDA the copies run on the
-    store's copy stream; on CPU they are issued at the same point but cannot overlap (functional only)."""
+    store's copy stream into slots of their own; on CPU they are made at the same point but cannot overlap
+    (functional only)."""
 
     def __init__(self, trace: dict[tuple[int, int], list[int]]):
         self.trace = trace
         self.forward = 0
-        self.pending: dict[int, dict[int, ExpertWeights]] = {}  # layer -> prefetched experts
+        self.pending: dict[int, set[int]] = {}  # layer -> experts prefetched for it this forward
+
+    def slots(self, store: ExpertStore) -> int:
+        return 3 * store.num_experts  # this layer's, the next layer's prefetch, and misses the trace did not see
 
     def _prefetch(self, layer: int) -> None:
         if layer >= self.store.num_layers or layer in self.pending:
             return
-        stream = self.store.copy_stream
-        self.pending[layer] = {e: self.store.copy_to_device(layer, e, stream=stream)
-                               for e in self.trace.get((self.forward, layer), [])}
+        experts = self.trace.get((self.forward, layer), [])
+        for e in experts:
+            if (layer, e) not in self.store.resident:
+                self.store.copy_to_device(layer, e)
+        self.pending[layer] = set(experts)
 
     def begin_forward(self, forward_index: int) -> None:
         self.forward = forward_index
-        self.pending.clear()
+        self._drop_pending()
         self._prefetch(0)
 
-    def weights_for(self, layer, experts):
-        ready = self.pending.pop(layer, {})
-        stream = self.store.copy_stream
-        if stream is not None and ready:
-            compute = torch.cuda.current_stream(self.store.device)
-            compute.wait_stream(stream)
-            for w in ready.values():
-                for t in w.values():
-                    t.record_stream(compute)
-        self._prefetch(layer + 1)  # queued behind this layer's compute on the copy stream
-        out = {}
+    def serve(self, layer, experts):
+        ready = self.pending.get(layer, set())
         for e in experts:
             if e in ready:
                 self.store.counters.hits += 1
-                out[e] = ready[e]
-            else:  # the trace missed this expert: fetch on demand
+            else:  # the trace missed this expert: fetch on demand, ahead of the next layer's prefetch
                 self.store.counters.misses += 1
-                out[e] = self.store.copy_to_device(layer, e)
-        return out
+                self.store.copy_to_device(layer, e)
+        self._prefetch(layer + 1)  # queued behind this layer's copies, overlapping its compute
+
+    def after_layer(self, layer, experts):
+        for e in self.pending.pop(layer, set()) | set(experts or ()):
+            self.store.drop(layer, e)
 
     def end_forward(self) -> None:
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        for layer, experts in self.pending.items():
+            for e in experts:
+                self.store.drop(layer, e)
         self.pending.clear()
 
 
@@ -118,22 +127,46 @@ class CachingOptions:
             raise BadInput(f"caching fraction={self.fraction}: must be in (0, 1]")
 
 
+class CachingPolicy(ExpertPolicy):
+    """A static set of pinned experts stays in the pool; every other needed expert is copied for its layer."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.pinned: set[tuple[int, int]] = set()
+
+    def slots(self, store: ExpertStore) -> int:
+        return self.capacity + store.num_experts
+
+    def pin(self, experts: list[tuple[int, int]]) -> None:
+        for key in list(self.store.resident):
+            self.store.drop(*key)
+        self.pinned = set(experts[: self.capacity])
+        for layer, e in sorted(self.pinned):
+            self.store.keep(layer, e)
+        self.store.sync_all()
+
+    def after_layer(self, layer, experts):
+        for e in experts or ():
+            if (layer, e) not in self.pinned:
+                self.store.drop(layer, e)
+
+
 class CachingEngine(RuntimeEngine):
     name = "caching"
     summary = "MoE-Caching: the most-used experts (10% by default, from a profiling pass) stay on the device"
     Options = CachingOptions
 
-    def _prepare(self, prompts, settings) -> None:
+    def make_policy(self, hardware):
         store = self.runtime.store
-        usage = Counter((layer, e) for _, layer, experts in self.record_routing(prompts, settings) for e in experts)
         slots = max(1, math.floor(self.options.fraction * store.num_layers * store.num_experts))
         if self.expert_budget is not None:
             slots = min(slots, self.expert_budget // store.expert_bytes)
-        hottest = sorted(usage, key=lambda key: (-usage[key], key))[:slots]
-        store.resident.clear()
-        for layer, e in hottest:
-            store.keep(layer, e, store.copy_to_device(layer, e))
-        self.pinned = set(hottest)
+        return CachingPolicy(slots)
+
+    def _prepare(self, prompts, settings) -> None:
+        usage = Counter((layer, e) for _, layer, experts in self.record_routing(prompts, settings) for e in experts)
+        self.runtime.policy.pin(sorted(usage, key=lambda key: (-usage[key], key)))
+        self.pinned = self.runtime.policy.pinned
 
 
 # -- lru: an expert cache ---------------------------------------------------------------------------------------
@@ -151,17 +184,18 @@ class LRUPolicy(ExpertPolicy):
         self.capacity = capacity
         self.order: OrderedDict[tuple[int, int], None] = OrderedDict()
 
-    def weights_for(self, layer, experts):
-        out = super().weights_for(layer, experts)  # hits from resident, misses copied
+    def slots(self, store: ExpertStore) -> int:
+        return self.capacity + store.num_experts  # the cache, and room for one layer's misses before eviction
+
+    def serve(self, layer, experts):
+        super().serve(layer, experts)  # hits from the pool, misses copied in
         for e in experts:
-            key = (layer, e)
-            if key not in self.order:
-                self.store.keep(layer, e, out[e])
-            self.order[key] = None
-            self.order.move_to_end(key)
+            self.order[(layer, e)] = None
+            self.order.move_to_end((layer, e))
+
+    def after_layer(self, layer, experts):
         while len(self.order) > self.capacity:
             self.store.drop(*self.order.popitem(last=False)[0])
-        return out
 
 
 def parse_capacity(text: str, store: ExpertStore) -> int:

@@ -1,92 +1,31 @@
 """The one model runtime every engine shares: a transformers MoE model whose non-expert weights and KV cache
-live on the device while expert weights live in host memory, moved by an ExpertPolicy through an ExpertStore.
+live on the device while expert weights live in host memory, moved by an ExpertPolicy into the device expert
+pool (engines/store.py).
 
-Engines differ only in their policy (which experts stay on the device, when copies happen) and, for SpecMoE,
-in the decode loop; the arithmetic of every expert is this file's `_run_experts`, so outputs are comparable.
+Engines differ only in their policy (which experts stay in the pool, when copies happen) and, for SpecMoE, in the
+decode loop. Every forward runs the model's own modules over a static KV cache (engines/kvcache.py) with the
+experts computed by one grouped GEMM per projection (engines/experts.py). A forward whose experts the policy
+serves without a host decision (everything resident; a draft's substitution table) is replayed from a CUDA graph
+(engines/graphs.py); the others learn each MoE layer's routing with one host sync, where the copies are decided.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .errors import BadInput
+from .experts import ExpertCounters, distinct_routed, graph_safe, run_experts
+from .graphs import GraphCache
+from .kvcache import MaskShape, StaticKV, attention_masks, check_fits, check_positions
+from .store import ExpertStore, StoreCounters  # noqa: F401 - StoreCounters is part of this module's API
 
 EXPERTS_IMPLEMENTATION = "specmoe_bench"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Expert store: host copies of every expert, the device copies that a policy keeps, and the byte counters.
-# ----------------------------------------------------------------------------------------------------------------
-
-ExpertWeights = dict[str, torch.Tensor]  # parameter name -> this expert's slice, e.g. gate_up_proj [2I, H]
-
-
-@dataclass
-class StoreCounters:
-    h2d_bytes: int = 0  # bytes copied host -> device for experts
-    h2d_copies: int = 0  # expert copies (one expert = one copy of all its tensors)
-    hits: int = 0  # expert requests served by a device-resident (or already prefetched) copy
-    misses: int = 0  # expert requests that needed a copy
-
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-
-class ExpertStore:
-    """Host memory holds every expert (pinned when the device is CUDA); `resident` holds the device copies a
-    policy decided to keep. Every host-to-device expert copy in the project goes through `copy_to_device`."""
-
-    def __init__(self, host: list[dict[str, torch.Tensor]], device: torch.device):
-        self.host = host  # [layer] -> {param name: [E, ...]}
-        self.device = device
-        self.num_layers = len(host)
-        self.num_experts = next(iter(host[0].values())).shape[0]
-        self.expert_bytes = sum(t[0].nbytes for t in host[0].values())
-        self.resident: dict[tuple[int, int], ExpertWeights] = {}
-        self.counters = StoreCounters()
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    @property
-    def total_bytes(self) -> int:
-        return self.expert_bytes * self.num_experts * self.num_layers
-
-    @property
-    def resident_bytes(self) -> int:
-        return self.expert_bytes * len(self.resident)
-
-    def host_weights(self, layer: int, expert: int) -> ExpertWeights:
-        return {name: t[expert] for name, t in self.host[layer].items()}
-
-    def copy_to_device(self, layer: int, expert: int, stream: torch.cuda.Stream | None = None) -> ExpertWeights:
-        """Copy one expert host -> device and count its bytes. With a stream, the copy is queued there and the
-        caller must make the compute stream wait on it before use."""
-        src = self.host_weights(layer, expert)
-        if self.device.type == "cpu":
-            out = {name: t.clone() for name, t in src.items()}  # a real memcpy, so CPU runs still move the bytes
-        else:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                out = {name: torch.empty_like(t, device=self.device).copy_(t, non_blocking=True)
-                       for name, t in src.items()}
-        self.counters.h2d_bytes += self.expert_bytes
-        self.counters.h2d_copies += 1
-        return out
-
-    def keep(self, layer: int, expert: int, weights: ExpertWeights) -> None:
-        self.resident[(layer, expert)] = weights
-
-    def drop(self, layer: int, expert: int) -> None:
-        self.resident.pop((layer, expert), None)
-
-    def reset_counters(self) -> None:
-        self.counters = StoreCounters()
+CAPACITY_ROUND = 16  # static caches are sized up to a multiple of this, so nearby shapes share graphs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,32 +34,57 @@ class ExpertStore:
 
 
 class ExpertPolicy:
-    """Serves the weights of the experts one MoE layer needs for one forward pass.
+    """Serves the experts one MoE layer needs for one forward pass.
 
-    The default is the paper's MoE-OnDemand: every needed expert that is not resident is copied when its
-    layer runs and dropped afterwards."""
+    The default is the paper's MoE-OnDemand: every needed expert that is not in the pool is copied when its
+    layer runs and its slot given back once the layer's experts are queued."""
 
     store: ExpertStore
 
     def bind(self, store: ExpertStore) -> None:
         self.store = store
+        store.allocate(self.slots(store))
+        self.setup()
+        store.sync_all()
 
-    def weights_for(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]:
-        out = {}
+    def slots(self, store: ExpertStore) -> int:
+        """Pool slots this policy needs: experts it keeps plus one layer's worth for the copies of a pass."""
+        return store.num_experts
+
+    def setup(self) -> None:
+        """Fill the pool with what the policy keeps from the start (called once the pool exists)."""
+
+    def sync_free_table(self, layer: int) -> torch.Tensor | None:
+        """[E] slots on the device that serve every expert id of this layer with no host decision, or None
+        (then `serve` is called with the routed experts). Default: the pool's own table when it holds every
+        expert of the model."""
+        return self.store.slot_of[layer] if self.store.all_resident() else None
+
+    def graphable(self) -> bool:
+        """Whether every MoE layer of the next forward has a sync-free table (then it may be a graph replay)."""
+        return self.store.all_resident()
+
+    def count_sync_free(self, layer: int, top_k_index: torch.Tensor, active: torch.Tensor | None,
+                        counters: ExpertCounters) -> tuple[str, ...]:
+        """Tallies for a layer served by its sync-free table, on the device. Returns the tallies that the layer's
+        distinct slots count into (the pool's own table maps experts to slots one to one: each is a hit)."""
+        return ("resident_hits",)
+
+    def serve(self, layer: int, experts: list[int]) -> None:
+        """Make every expert in `experts` (routed this pass, ascending) present in the pool; count hits/misses."""
         for e in experts:
-            w = self.store.resident.get((layer, e))
-            if w is None:
-                self.store.counters.misses += 1
-                w = self.store.copy_to_device(layer, e)
-            else:
+            if (layer, e) in self.store.resident:
                 self.store.counters.hits += 1
-            out[e] = w
-        return out
+            else:
+                self.store.counters.misses += 1
+                self.store.copy_to_device(layer, e)
 
-    def dense_plan(self, layer: int) -> "DensePlan | None":
-        """A plan to run this layer without learning its routing on the host (no sync), when every expert the
-        router may pick is served by a known resident copy; None (the default) for the routed path."""
-        return None
+    def after_layer(self, layer: int, experts: list[int] | None) -> None:
+        """Once a layer's experts are queued: give back the slots of copies that are not kept. `experts` is None
+        for a layer served by its sync-free table."""
+        if experts is not None:
+            for e in experts:
+                self.store.drop(layer, e)
 
     def begin_forward(self, forward_index: int) -> None:
         """Called before every model forward (prefill, decode step, draft step or verification)."""
@@ -129,42 +93,9 @@ class ExpertPolicy:
         """Called after every model forward."""
 
 
-@dataclass
-class DensePlan:
-    """Every expert id of a layer maps to one of a few resident copies: `slot_of` [E] (on the device) gives the
-    index into `weights`. The layer then runs each resident copy over all its tokens, weighted by the routing
-    weights that map to it (zero for the others), with no host sync."""
-
-    weights: list[ExpertWeights]
-    slot_of: torch.Tensor
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# The experts implementation registered in transformers' registry. It reads which runtime owns the module.
+# Records
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _specmoe_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                             top_k_weights: torch.Tensor) -> torch.Tensor:
-    runtime: ModelRuntime = module._smb_runtime
-    return runtime._run_experts(module, module._smb_layer, hidden_states, top_k_index, top_k_weights)
-
-
-ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, _specmoe_experts_forward)
-
-
-def _expert_linear(module: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    out = x @ w if module.is_transposed else F.linear(x, w)
-    return out + b if b is not None else out
-
-
-def _expert_mlp(module: nn.Module, h: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-    """One expert's MLP on tokens h [n, H], the way the module's family computes it."""
-    if module.has_gate:
-        h = module._apply_gate(_expert_linear(module, h, w["gate_up_proj"], w.get("gate_up_proj_bias")))
-    else:
-        h = module.act_fn(_expert_linear(module, h, w["up_proj"], w.get("up_proj_bias")))
-    return _expert_linear(module, h, w["down_proj"], w.get("down_proj_bias"))
 
 
 @dataclass
@@ -220,8 +151,10 @@ class Generation:
     step_tokens: list[int]  # tokens emitted across the batch at each step (speculation emits several)
     t_end: float
     stats: dict  # expert-store counters (StoreCounters) during generation; `seq_steps`: decode steps summed over
-    # the sequences that took them (tokens_per_step = sum(step_tokens) / seq_steps); speculative engines add
-    # drafted_tokens, accepted_tokens, draft_time_s, verify_time_s, draft_h2d_bytes, verify_h2d_bytes
+    # the sequences that took them (tokens_per_step = sum(step_tokens) / seq_steps); `weight_read_bytes`: weight
+    # bytes the forwards read from device memory (non-expert weights plus each layer's distinct experts);
+    # speculative engines add drafted_tokens, accepted_tokens, draft_time_s, verify_time_s, draft_h2d_bytes,
+    # verify_h2d_bytes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,10 +162,25 @@ class Generation:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts implementation registered in transformers' registry; it finds the runtime that owns the module."""
+    return module._smb_runtime._run_experts(module, module._smb_layer, hidden_states, top_k_index, top_k_weights)
+
+
+ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, _experts_forward)
+
+
 def find_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules built with transformers' @use_experts_implementation (fused [E, ...] expert weights)."""
     return [(name, m) for name, m in model.named_modules()
             if hasattr(m, "num_experts") and hasattr(m, "is_transposed") and hasattr(m, "has_gate")]
+
+
+def _sdpa_backends():
+    """Attention backends for the runtime's forwards: cuDNN's is left out, as it builds a plan per new shape."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class ModelRuntime:
@@ -260,17 +208,25 @@ class ModelRuntime:
         self.experts_modules = [m for _, m in experts]
         self.model = model.to(self.device)
         self.model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+        self.base, self.lm_head = self.model.base_model, self.model.get_output_embeddings()
+        self.masks = MaskShape(self.model)
         self.store = ExpertStore(host, self.device)
         self.dtype = next(iter(host[0].values())).dtype
         self.top_k = self._top_k(model.config)
         self.non_expert_bytes = sum(p.nbytes for p in self.model.parameters()) + \
             sum(b.nbytes for b in self.model.buffers())
+        self.dense_read_bytes = self._dense_read_bytes()
+        self.counters = ExpertCounters(self.device)
+        self.use_graphs = self.device.type == "cuda" and graph_safe(self.dtype, self.device)
+        self.graphs: GraphCache | None = None  # the graphs captured on the current static cache
         self.policy = policy or ExpertPolicy()
         self.policy.bind(self.store)
         self.token_mask: torch.Tensor | None = None  # [N] bool: tokens of this forward whose experts run
         self.routing_log: list[tuple[int, int, list[int]]] | None = None  # (forward, layer, experts) when recording
         self.forward_index = 0
-        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.forwards = 0  # forwards since the last reset_stats (for weight_read_bytes)
+        self._kv: StaticKV | None = None
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
 
     @staticmethod
     def _top_k(config) -> int | None:
@@ -279,6 +235,13 @@ class ModelRuntime:
                 return int(getattr(config, key))
         return None
 
+    def _dense_read_bytes(self) -> int:
+        """Non-expert weight bytes one forward reads: every parameter except the input embedding table, of which
+        a forward reads only its tokens' rows (unless the output layer shares it)."""
+        embed = self.model.get_input_embeddings().weight
+        tied = self.lm_head is not None and self.lm_head.weight.data_ptr() == embed.data_ptr()
+        return sum(p.nbytes for p in self.model.parameters()) - (0 if tied else embed.nbytes)
+
     def set_policy(self, policy: ExpertPolicy) -> None:
         self.policy = policy
         policy.bind(self.store)
@@ -286,136 +249,198 @@ class ModelRuntime:
     # -- the experts of one MoE layer --------------------------------------------------------------------------
 
     def _run_experts(self, module, layer, hidden_states, top_k_index, top_k_weights):
-        plan = self.policy.dense_plan(layer)
-        if plan is not None:
-            return self._run_dense(module, plan, hidden_states, top_k_index, top_k_weights)
-        # N = tokens in this forward, K = experts per token, E = experts in the layer, H = hidden size
-        N, K = top_k_index.shape
-        E = self.store.num_experts
-        flat = top_k_index.reshape(-1)  # [N*K]
-        active = self.token_mask  # [N] or None; padding, holes and finished rows route to no expert
-        if active is not None:
-            flat = torch.where(active.repeat_interleave(K), flat, E)  # E: a sentinel that sorts last
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, ascending inside
-        counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()  # the one host sync of the layer
-        experts = [e for e in range(E) if counts[e]]
-        if self.routing_log is not None:
-            self.routing_log.append((self.forward_index, layer, experts))
-        weights = self.policy.weights_for(layer, experts)
-        out = torch.zeros_like(hidden_states)  # [N, H]
-        start = 0
-        for e in range(E):  # ascending expert id, the same order for every engine
-            if not counts[e]:
-                continue
-            pairs = order[start:start + counts[e]]
-            start += counts[e]
-            tok, slot = pairs // K, pairs % K
-            h = _expert_mlp(module, hidden_states[tok], weights[e])
-            out.index_add_(0, tok, (h * top_k_weights[tok, slot, None]).to(out.dtype))
-        return out
-
-    def _run_dense(self, module, plan: DensePlan, hidden_states, top_k_index, top_k_weights):
-        """The layer without a host sync: each resident copy over every token, times the routing weight that
-        reaches it (a token whose K choices share one copy gets their sum; inactive tokens get zero)."""
-        slots = plan.slot_of[top_k_index]  # [N, K]
-        w = top_k_weights
-        if self.token_mask is not None:
-            w = w * self.token_mask[:, None].to(w.dtype)
-        out = torch.zeros_like(hidden_states)
-        for s, weights in enumerate(plan.weights):
-            coef = (w * (slots == s).to(w.dtype)).sum(-1)  # [N]
-            out += (_expert_mlp(module, hidden_states, weights) * coef[:, None]).to(out.dtype)
+        active, policy, E = self.token_mask, self.policy, self.store.num_experts
+        table = policy.sync_free_table(layer) if self.routing_log is None else None
+        experts, tally = None, ()
+        if table is None:
+            routed = distinct_routed(top_k_index, active, E)  # [E] bool, on the device
+            experts = routed.nonzero().flatten().tolist()  # the layer's one host sync: where copies are decided
+            if self.routing_log is not None:
+                self.routing_log.append((self.forward_index, layer, experts))
+            policy.serve(layer, experts)
+            self.store.sync_layer(layer)
+            table = self.store.slot_of[layer]
+        else:
+            tally = policy.count_sync_free(layer, top_k_index, active, self.counters)
+        out = run_experts(module, self.store.pool, table, hidden_states, top_k_index, top_k_weights, active,
+                          self.counters, tally)
+        policy.after_layer(layer, experts)
         return out
 
     # -- forwards --------------------------------------------------------------------------------------------
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.model.config)
-
     @torch.inference_mode()
-    def forward(self, input_ids, attention_mask, position_ids, cache, token_mask=None) -> torch.Tensor:
-        """One model forward. input_ids [B, T]; attention_mask [B, past + T]; token_mask [B, T] (which tokens
-        route to experts; default: those with attention_mask 1). Returns logits [B, T, V]."""
-        if token_mask is None:
-            token_mask = attention_mask[:, -input_ids.shape[1]:].bool()
-        self.token_mask = token_mask.reshape(-1)
+    def forward(self, state: "DecodeState", ids: torch.Tensor, token_mask: torch.Tensor,
+                at: torch.Tensor | None = None) -> torch.Tensor:
+        """One model forward: ids [B, T] at each row's next positions (state.pos); token_mask [B, T]: tokens that
+        route to experts. Returns logits [B, T, V], or [B, C, V] at the columns `at` [B, C] of this forward."""
+        B, T = ids.shape
         self.policy.begin_forward(self.forward_index)
         try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=True, **{self._cache_kw: cache})
+            inputs = dict(ids=ids, pos=state.pos, token_mask=token_mask)
+            if at is not None:
+                inputs["at"] = at
+            if state.kv is self._kv and self.graphs is not None and self.routing_log is None \
+                    and self.policy.graphable():
+                kv = state.kv
+                logits = self.graphs.run((B, T, None if at is None else at.shape[1]),
+                                         lambda **x: self._body(kv, **x), inputs)
+            else:
+                logits = self._body(state.kv, **inputs)
         finally:
             self.policy.end_forward()
             self.token_mask = None
             self.forward_index += 1
-        return out.logits
+            self.forwards += 1
+        return logits
+
+    def _body(self, kv: StaticKV, ids, pos, token_mask, at=None) -> torch.Tensor:
+        qpos = (pos[:, None] + torch.arange(ids.shape[1], device=ids.device)).clamp(max=kv.capacity - 1)  # [B, T]
+        kv.cols = qpos
+        self.token_mask = token_mask.reshape(-1)
+        masks = attention_masks(self.masks, qpos, kv.capacity, self.dtype)
+        with _sdpa_backends():
+            hidden = self.base(input_ids=ids, attention_mask=masks, position_ids=qpos, use_cache=True,
+                               **{self._cache_kw: kv}).last_hidden_state  # [B, T, H]
+        if at is not None:
+            hidden = hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return self.lm_head(hidden)
+
+    def static_kv(self, batch: int, capacity: int) -> StaticKV:
+        """The static cache of this batch shape: reused while the shape holds (so graphs captured on it stay
+        valid), replaced when it changes."""
+        kv = self._kv
+        if kv is None or kv.batch != batch or kv.capacity != capacity:
+            if self.graphs is not None:
+                self.sync()  # nothing queued may still use the old cache or graphs
+            self._kv, self.graphs = None, None  # a new memory pool with the new cache: graphs never outlive theirs
+            check_fits(self.model.config, batch, capacity, self.dtype, self.device)
+            kv = self._kv = StaticKV(batch, capacity, self.device)
+            if self.use_graphs:
+                self.graphs = GraphCache(self.device, self.counters.values)
+        return kv
+
+    def release(self) -> None:
+        """Give back the device memory this runtime holds (pool, cache, graphs)."""
+        self.graphs, self._kv = None, None
+        self.store.pool, self.store.resident = {}, {}
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def reset_stats(self) -> None:
+        self.store.reset_counters()
+        self.counters.reset()
+        self.forwards = 0
+
+    def stats(self) -> dict:
+        """The store's counters plus the device tallies (one host transfer), for a Generation."""
+        tallies = self.counters.read()
+        counters = self.store.counters.snapshot()
+        counters["hits"] += tallies.pop("resident_hits")
+        counters["weight_read_bytes"] = tallies.pop("experts_read") * self.store.expert_bytes + \
+            self.forwards * self.dense_read_bytes
+        return dict(counters, **tallies)
+
     # -- plain autoregressive decoding, shared by every engine except SpecMoE's speculative loop ---------------
 
-    def prefill(self, prompts: list[list[int]], pad_id: int = 0):
-        """Left-padded batched prefill. Returns (logits of each row's last prompt token [B, V], state)."""
+    def prefill(self, prompts: list[list[int]], max_new_tokens: int, slack: int = 0, pad_id: int = 0):
+        """Batched prefill, prompts right-padded from column 0, into a static cache with room for max_new_tokens
+        (plus `slack` positions a speculative step may write past a row's end). Returns (logits of each row's last
+        prompt token [B, V], state)."""
         self.forward_index = 0  # forward indices restart per batch, so routing traces line up between runs
-        ids, mask = left_pad(prompts, self.device, pad_id)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self.new_cache()
-        logits = self.forward(ids, mask, pos, cache)
-        return logits[:, -1, :], DecodeState(cache=cache, mask=mask, next_pos=pos[:, -1] + 1)
+        ids, lens = right_pad(prompts, self.device, pad_id)
+        B, L = ids.shape
+        check_positions(self.model.config, L + max_new_tokens)
+        capacity = -(-(L + max_new_tokens + slack) // CAPACITY_ROUND) * CAPACITY_ROUND
+        state = DecodeState(self.static_kv(B, capacity), torch.zeros(B, dtype=torch.long, device=self.device))
+        token_mask = torch.arange(L, device=self.device)[None, :] < lens[:, None]
+        logits = self.forward(state, ids, token_mask, at=(lens - 1)[:, None])
+        state.pos = lens
+        return logits[:, -1, :], state
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> Generation:
         """Greedy or sampled autoregressive decoding: one forward per token."""
-        self.store.reset_counters()
+        self.reset_stats()
         sampler = Sampler(settings)
         out = Outputs(len(prompts), settings)
         t_start = time.perf_counter()
-        logits, state = self.prefill(prompts)
-        next_tok = sampler(logits)
-        self.sync()
-        t_first = time.perf_counter()
-        out.emit_all(next_tok)
-        step_times, step_tokens = [], []
-        while not bool(out.done.all()):
-            logits = state.step(self, next_tok.to(self.device)[:, None], ~out.done.to(self.device))
-            next_tok = sampler(logits[:, -1, :])
-            self.sync()
-            step_times.append(time.perf_counter())
-            step_tokens.append(out.emit_all(next_tok))
+        logits, state = self.prefill(prompts, settings.max_new_tokens)
+        tok, tok_host = sampler.next(logits, self.device)
+        t_first = time.perf_counter()  # sampler.next waited for the device
+        out.emit_all(tok_host)
+        if settings.greedy and settings.eos_token_id is None:
+            step_times, step_tokens = self._decode_ahead(state, tok, out, t_first)
+        else:
+            step_times, step_tokens = self._decode_synced(state, tok, out, sampler)
+        stats = {k: v for k, v in self.stats().items() if not k.startswith("draft_")}  # no drafts here
         return Generation(tokens=out.tokens, prompt_lens=[len(p) for p in prompts], t_start=t_start, t_first=t_first,
                           step_times=step_times, step_tokens=step_tokens, t_end=time.perf_counter(),
-                          stats=dict(self.store.counters.snapshot(), seq_steps=sum(step_tokens)))
+                          stats=dict(stats, seq_steps=sum(step_tokens)))
+
+    def _decode_ahead(self, state: "DecodeState", tok: torch.Tensor, out: "Outputs", t_first: float):
+        """Greedy decoding to a fixed length: every row runs to max_new_tokens, so the host needs no token until
+        the end and queues the steps back to back; each step's end is an event on the device's stream, placed on
+        the host clock at the end (one host transfer for the whole batch)."""
+        B, n = tok.shape[0], out.settings.max_new_tokens - 1
+        tokens = torch.zeros((B, max(n, 1)), dtype=torch.long, device=self.device)
+        everyone = torch.ones(B, dtype=torch.bool, device=self.device)
+        clock = DeviceClock(self.device, t_first)
+        for i in range(n):
+            logits = state.step(self, tok[:, None], everyone)
+            tok = logits[:, -1, :].argmax(-1)
+            tokens[:, i] = tok
+            clock.stamp()
+        host = tokens.cpu()
+        if n:
+            out.emit_block(host[:, :n], torch.full((B,), n))
+        return clock.times(), [B] * n
+
+    def _decode_synced(self, state: "DecodeState", tok: torch.Tensor, out: "Outputs", sampler: "Sampler"):
+        """Decoding that needs each step's tokens on the host (sampling on the CPU, or EOS)."""
+        step_times, step_tokens = [], []
+        active = RowMask(out, self.device)
+        while not out.all_done:
+            logits = state.step(self, tok[:, None], active.device_mask())
+            tok, tok_host = sampler.next(logits[:, -1, :], self.device)
+            step_times.append(time.perf_counter())
+            step_tokens.append(out.emit_all(tok_host))
+        return step_times, step_tokens
 
     @torch.inference_mode()
     def teacher_forced_logits(self, prompts: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
-        """Logits at each continuation position given the prompt and the continuation so far (one prefill over
-        prompt + continuation). Returns [B, C, V] with C = len of the continuations (all equal)."""
-        ids, mask, pos = teacher_forcing_batch(prompts, continuations, self.device)
-        logits = self.forward(ids, mask, pos, self.new_cache())
-        return logits[:, -len(continuations[0]):, :].float().cpu()
+        """Logits at each continuation position given the prompt and the continuation so far (one forward over
+        prompt + continuation, in a cache of its own). Returns [B, C, V] with C = len of the continuations."""
+        C = len(continuations[0])
+        full = [p + c[:-1] for p, c in zip(prompts, continuations)]
+        ids, lens = right_pad(full, self.device)
+        state = DecodeState(StaticKV(ids.shape[0], ids.shape[1], self.device),
+                            torch.zeros(ids.shape[0], dtype=torch.long, device=self.device))
+        starts = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        at = starts[:, None] + torch.arange(C, device=self.device)  # [B, C]
+        token_mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lens[:, None]
+        return self.forward(state, ids, token_mask, at=at).float().cpu()
 
 
 @dataclass
 class DecodeState:
-    """KV cache plus the 2-D attention mask and each row's next position. Rows may contain holes (mask 0)."""
+    """The static KV cache and each row's next position. Column c of a row holds its token at position c."""
 
-    cache: DynamicCache
-    mask: torch.Tensor  # [B, past]
-    next_pos: torch.Tensor  # [B]
+    kv: StaticKV
+    pos: torch.Tensor  # [B] long, on the device
 
     def step(self, runtime: ModelRuntime, ids: torch.Tensor, row_active: torch.Tensor) -> torch.Tensor:
         """Append ids [B, T] at each row's next positions. row_active [B]: rows whose tokens route to experts."""
-        B, T = ids.shape
-        self.mask = torch.cat([self.mask, torch.ones((B, T), dtype=self.mask.dtype, device=self.mask.device)], 1)
-        pos = self.next_pos[:, None] + torch.arange(T, device=ids.device)
-        token_mask = row_active[:, None].expand(B, T)
-        logits = runtime.forward(ids, self.mask, pos, self.cache, token_mask=token_mask)
-        self.next_pos = self.next_pos + T
+        T = ids.shape[1]
+        logits = runtime.forward(self, ids, row_active[:, None].expand(-1, T))
+        self.pos = self.pos + T
         return logits
 
 
 class Sampler:
-    """Greedy argmax or seeded temperature / top-p sampling, on the CPU so every device draws the same numbers."""
+    """Greedy argmax on the device, or seeded temperature / top-p sampling on the CPU, so every device draws
+    the same numbers."""
 
     def __init__(self, settings: SamplingSettings):
         self.settings = settings
@@ -432,46 +457,134 @@ class Sampler:
             p = p / p.sum(-1, keepdim=True)
         return p
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    def next(self, logits: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row from logits [B, V]: (on the device, on the host). Waits for the device."""
         if self.settings.greedy:
-            return logits.argmax(-1).cpu()
-        return torch.multinomial(self.probs(logits), 1, generator=self.generator)[:, 0]
+            tok = logits.argmax(-1)
+            return tok, tok.cpu()
+        host = torch.multinomial(self.probs(logits), 1, generator=self.generator)[:, 0]
+        return host.to(device), host
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.next(logits, logits.device)[1]
 
 
 class Outputs:
-    """The generated tokens of a batch: each row stops at EOS or at max_new_tokens."""
+    """The generated tokens of a batch, kept in one host tensor: each row stops at EOS or at max_new_tokens."""
 
     def __init__(self, batch: int, settings: SamplingSettings):
         self.settings = settings
-        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.buffer = torch.zeros((batch, settings.max_new_tokens), dtype=torch.long)
+        self.lengths = torch.zeros(batch, dtype=torch.long)
         self.done = torch.zeros(batch, dtype=torch.bool)
+        self.changed = True  # `done` changed since the last RowMask read
 
-    def emit(self, row: int, new: list[int]) -> int:
-        """Append a row's new tokens up to its stop; returns how many were kept."""
-        kept = 0
-        for t in new:
-            if self.done[row]:
-                break
-            self.tokens[row].append(t)
-            kept += 1
-            self.done[row] = t == self.settings.eos_token_id or len(self.tokens[row]) >= self.settings.max_new_tokens
-        return kept
+    @property
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [row[:n] for row, n in zip(self.buffer.tolist(), self.lengths.tolist())]
+
+    def emit_block(self, new: torch.Tensor, counts: torch.Tensor) -> int:
+        """Append row i's first counts[i] tokens of new [B, W] (host), each row cut at its EOS or its last allowed
+        token; finished rows take nothing. Returns how many tokens were kept across the batch."""
+        B, W = new.shape
+        j = torch.arange(W)[None, :]
+        n = torch.where(self.done, 0, counts.clamp(max=W))
+        eos = self.settings.eos_token_id
+        if eos is not None:
+            is_eos = (new == eos) & (j < n[:, None])
+            n = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, n)
+            hit_eos = is_eos.any(1)
+        n = torch.minimum(n, self.settings.max_new_tokens - self.lengths)
+        rows, cols = (j < n[:, None]).nonzero(as_tuple=True)
+        self.buffer[rows, self.lengths[rows] + cols] = new[rows, cols]
+        self.lengths += n
+        done = self.done | (self.lengths >= self.settings.max_new_tokens)
+        if eos is not None:
+            done |= hit_eos & (n > 0)
+        self.changed = self.changed or bool((done != self.done).any())
+        self.done = done
+        return int(n.sum())
 
     def emit_all(self, next_tok: torch.Tensor) -> int:
-        """One new token per row ([B]); finished rows ignore theirs."""
-        return sum(self.emit(i, [t]) for i, t in enumerate(next_tok.tolist()))
+        """One new token per row ([B], host); finished rows ignore theirs."""
+        return self.emit_block(next_tok[:, None], torch.ones_like(next_tok))
+
+    def emit(self, row: int, new: list[int]) -> int:
+        """Append one row's new tokens up to its stop; returns how many were kept."""
+        block = torch.zeros((len(self.done), max(1, len(new))), dtype=torch.long)
+        counts = torch.zeros(len(self.done), dtype=torch.long)
+        block[row, :len(new)] = torch.tensor(new, dtype=torch.long)
+        counts[row] = len(new)
+        return self.emit_block(block, counts)
+
+
+class DeviceClock:
+    """Host-clock times of points in the device's stream: an event per point, resolved once at the end against an
+    anchor event recorded when the host clock read `t0` (right after a sync, so the device was at that point).
+    On the CPU every point is already done when it is stamped: it is a host clock reading."""
+
+    def __init__(self, device, t0: float):
+        self.cuda = torch.device(device).type == "cuda"
+        self.t0, self.stamps = t0, []
+        if self.cuda:
+            self.anchor = torch.cuda.Event(enable_timing=True)
+            self.anchor.record()
+
+    def stamp(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.stamps.append(event)
+        else:
+            self.stamps.append(time.perf_counter())
+
+    def times(self) -> list[float]:
+        if not self.cuda:
+            return list(self.stamps)
+        if self.stamps:
+            self.stamps[-1].synchronize()
+        return [self.t0 + self.anchor.elapsed_time(e) / 1e3 for e in self.stamps]
+
+
+class RowMask:
+    """The rows still generating, as a device tensor sent again only when a row finishes."""
+
+    def __init__(self, out: Outputs, device):
+        self.out, self.device, self.mask = out, device, None
+
+    def device_mask(self) -> torch.Tensor:
+        if self.mask is None or self.out.changed:
+            self.mask = (~self.out.done).to(self.device)
+            self.out.changed = False
+        return self.mask
+
+
+def right_pad(prompts: list[list[int]], device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, L] with every prompt from column 0 (column = position), and the prompt lengths [B]."""
+    check_prompts(prompts)
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
+    return ids.to(device), torch.tensor([len(p) for p in prompts]).to(device)
 
 
 def teacher_forcing_batch(prompts: list[list[int]], continuations: list[list[int]], device):
     """Ids, attention mask and positions [B, L] of prompt + continuation minus its last token, left-padded, so that
-    one forward gives the logits at each of the C continuation positions in its last C columns."""
+    one forward gives the logits at each of the C continuation positions in its last C columns (for a plain
+    transformers forward, as the accelerate peer runs it)."""
     full = [p + c[:-1] for p, c in zip(prompts, continuations)] if len(continuations[0]) > 1 else prompts
     ids, mask = left_pad(full, device)
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def left_pad(prompts: list[list[int]], device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask [B, L], prompts right-aligned so every row's next token lands at column L."""
+    """Token ids and attention mask [B, L], prompts right-aligned so every row's next token lands at column L
+    (the layout transformers' generate expects)."""
     check_prompts(prompts)
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, L), pad_id, dtype=torch.long)

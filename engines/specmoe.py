@@ -7,8 +7,9 @@ table (L2 distance between the flattened expert weights, gate/up and down togeth
 Verification: one forward of the full model over every drafted token of every sequence, exact routing; each
 missing expert is copied once per layer per pass and serves every token routed to it (deferred, coalesced).
 Draft experts are refreshed from the experts recent verification passes used (hot-temporal).
-With `sync_free_draft`, a draft forward never learns its routing on the host: each resident draft expert runs over
-every token, weighted by the routing weights that map to it (runtime.DensePlan).
+A draft forward never learns its routing on the host: the substitution is a device-side table from expert id to
+the pool slot of its substitute, so drafts are CUDA-graph replays; acceptance, bonus tokens and next positions
+are computed on the device for the whole batch, with one host transfer per step.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import torch
 
 from .base import RuntimeEngine
 from .errors import BadInput
-from .runtime import (DensePlan, ExpertPolicy, ExpertStore, Generation, ModelRuntime, Outputs, Sampler,
-                      SamplingSettings)
+from .experts import ExpertCounters, distinct_routed
+from .runtime import ExpertPolicy, Generation, ModelRuntime, Outputs, RowMask, Sampler, SamplingSettings
+from .store import ExpertStore
 
 DRAFT_POLICIES = ("hot-temporal", "hot-global", "random")
 
@@ -38,17 +40,12 @@ class SpecMoEOptions:
         "help": "measure tokens/s with and without speculation as it runs and use the faster; what it "
                 "learns carries over to the next call with the same batch size"})
     decay: float = field(default=0.8, metadata={"help": "hot-temporal: weight of older passes in expert scores"})
-    sync_free_draft: bool = field(default=False, metadata={
-        "help": "draft without host syncs: each resident draft expert runs over every token, weighted by the "
-                "routing that maps to it, and greedy drafts stay on the device until the step's last draft "
-                "(experimental: measure it against the routed draft)"})
     seed: int = field(default=0, metadata={"help": "seed of the random draft policy"})
 
     def __post_init__(self):
         self.gamma, self.draft_experts = int(self.gamma), int(self.draft_experts)
-        for flag in ("adaptive", "sync_free_draft"):  # a flag given as text ("true", "off", ...)
-            if isinstance(getattr(self, flag), str):
-                setattr(self, flag, getattr(self, flag).lower() in ("1", "true", "yes", "on"))
+        if isinstance(self.adaptive, str):  # a flag given as text ("true", "off", ...)
+            self.adaptive = self.adaptive.lower() in ("1", "true", "yes", "on")
         if self.gamma < 1:
             raise BadInput(f"specmoe gamma={self.gamma}: the draft length must be at least 1")
         if self.draft_experts < 1:
@@ -74,18 +71,20 @@ def affinity_distances(store: ExpertStore, layer: int, chunk: int = 1 << 24) -> 
 
 
 class SpecMoEPolicy(ExpertPolicy):
-    """Two modes. draft: serve every routed expert from the resident draft set, substituting the nearest
-    resident expert; never copy. verify: exact experts; copy each missing one once for this layer and pass,
-    then refresh the layer's draft set from recent usage, keeping copies made this pass instead of re-copying."""
+    """Two modes. draft: every routed expert is served from the layer's resident draft set, through a device
+    table that maps each expert id to the pool slot of its nearest resident expert; nothing is copied and the
+    host decides nothing. verify: exact experts; each missing one is copied once for this layer and pass, then
+    the layer's draft set is refreshed from recent usage, keeping copies made this pass instead of re-copying."""
 
-    def __init__(self, n: int, policy: str, decay: float, seed: int, sync_free: bool = False):
-        self.n, self.policy, self.decay, self.seed, self.sync_free = n, policy, decay, seed, sync_free
+    def __init__(self, n: int, policy: str, decay: float, seed: int):
+        self.n, self.policy, self.decay, self.seed = n, policy, decay, seed
         self.mode = "verify"
-        self.draft_requests = 0
-        self.draft_substituted = 0
 
-    def bind(self, store: ExpertStore) -> None:
-        super().bind(store)
+    def slots(self, store: ExpertStore) -> int:
+        return self.n * store.num_layers + store.num_experts  # the draft sets, and one layer's verification copies
+
+    def setup(self) -> None:
+        store = self.store
         E, L = store.num_experts, store.num_layers
         self.distances = [affinity_distances(store, layer) for layer in range(L)]
         self.scores = [torch.zeros(E, dtype=torch.float64) for _ in range(L)]
@@ -94,35 +93,47 @@ class SpecMoEPolicy(ExpertPolicy):
                    for _ in range(L)]
         self.draft_sets: list[list[int]] = [[] for _ in range(L)]
         self.substitute: list[list[int]] = [[] for _ in range(L)]  # nearest resident expert of every expert
-        self.plans: list[DensePlan | None] = [None] * L  # the same substitution as a device-side table
+        self.sub_slots = torch.full((L, E), -1, dtype=torch.long, device=store.device)  # ... as pool slots
+        self.is_draft = torch.zeros((L, E), dtype=torch.bool, device=store.device)
         for layer in range(L):
             self.set_draft_experts(layer, initial[layer])
 
-    def set_draft_experts(self, layer: int, experts: list[int], fresh: dict | None = None) -> None:
-        """Make `experts` the layer's resident draft set; reuse copies in `fresh` (made this pass)."""
-        old = set(self.draft_sets[layer])
-        for e in old - set(experts):
-            self.store.drop(layer, e)
+    def set_draft_experts(self, layer: int, experts: list[int]) -> None:
+        """Make `experts` the layer's resident draft set (a copy made this pass is kept, not made again)."""
+        store = self.store
+        for e in set(self.draft_sets[layer]) - set(experts):
+            store.drop(layer, e)
         for e in experts:
-            if e not in old:
-                self.store.keep(layer, e, fresh[e] if fresh and e in fresh else self.store.copy_to_device(layer, e))
+            store.keep(layer, e)
         self.draft_sets[layer] = sorted(experts)
         resident = torch.tensor(self.draft_sets[layer])  # a resident expert is its own nearest (distance 0)
-        nearest = self.distances[layer][:, resident].argmin(dim=1)  # [E] index into the draft set
-        self.substitute[layer] = resident[nearest].tolist()
-        self.plans[layer] = DensePlan([self.store.resident[(layer, e)] for e in self.draft_sets[layer]],
-                                      nearest.to(self.store.device))
+        self.substitute[layer] = resident[self.distances[layer][:, resident].argmin(dim=1)].tolist()
+        store.sync_layer(layer)  # the draft graphs read these slots: their copies come first
+        slots = torch.tensor([store.resident[(layer, e)] for e in self.substitute[layer]])
+        draft = torch.zeros(store.num_experts, dtype=torch.bool)
+        draft[resident] = True
+        if store.device.type == "cuda":  # pinned, so the copies are queued in stream order without a sync
+            slots, draft = slots.pin_memory(), draft.pin_memory()
+        self.sub_slots[layer].copy_(slots, non_blocking=True)
+        self.is_draft[layer].copy_(draft, non_blocking=True)
 
-    def dense_plan(self, layer):
-        return self.plans[layer] if self.mode == "draft" and self.sync_free else None
+    def sync_free_table(self, layer):
+        return self.sub_slots[layer] if self.mode == "draft" else super().sync_free_table(layer)
 
-    def weights_for(self, layer, experts):
-        if self.mode == "draft":
-            sub = self.substitute[layer]
-            self.draft_requests += len(experts)
-            self.draft_substituted += sum(sub[e] != e for e in experts)
-            return {e: self.store.resident[(layer, sub[e])] for e in experts}
-        out = super().weights_for(layer, experts)  # copies each missing expert once for this layer and pass
+    def graphable(self) -> bool:
+        return self.mode == "draft" or super().graphable()
+
+    def count_sync_free(self, layer, top_k_index, active, counters: ExpertCounters) -> tuple[str, ...]:
+        if self.mode != "draft":
+            return super().count_sync_free(layer, top_k_index, active, counters)
+        routed = distinct_routed(top_k_index, active, self.store.num_experts)
+        counters.add("draft_requests", routed.sum())
+        counters.add("draft_substituted", (routed & ~self.is_draft[layer]).sum())
+        return ()
+
+    def after_layer(self, layer, experts):
+        if experts is None:
+            return
         if self.policy == "hot-temporal":
             scores = self.scores[layer]
             scores *= self.decay
@@ -131,10 +142,10 @@ class SpecMoEPolicy(ExpertPolicy):
             # highest score first; on ties keep what is resident, then the lower id (no churn on ties)
             score = scores.tolist()  # one conversion, not one .item() per expert, on this per-layer path
             ranked = sorted(range(self.store.num_experts), key=lambda e: (-score[e], e not in current, e))
-            chosen = ranked[: self.n]
-            if set(chosen) != current:
-                self.set_draft_experts(layer, chosen, fresh=out)
-        return out
+            if set(ranked[: self.n]) != current:
+                self.set_draft_experts(layer, ranked[: self.n])
+        for e in set(experts) - set(self.draft_sets[layer]):
+            self.store.drop(layer, e)
 
 
 class SpecMoEEngine(RuntimeEngine):
@@ -157,7 +168,7 @@ class SpecMoEEngine(RuntimeEngine):
             n = min(n, fits)
         self.draft_experts = n
         self.adaptive_state: dict[int, dict] = {}  # batch size -> tokens/s of each mode and the step count
-        self.policy = SpecMoEPolicy(n, o.draft_policy, o.decay, o.seed, o.sync_free_draft)
+        self.policy = SpecMoEPolicy(n, o.draft_policy, o.decay, o.seed)
         return self.policy
 
     def _prepare(self, prompts, settings) -> None:
@@ -180,7 +191,6 @@ class SpecMoEEngine(RuntimeEngine):
         return SpeculativeDecoder(self.runtime, self.policy, self.options.gamma, self.options.adaptive).run(
             prompts, settings, extra=dict(draft_experts_per_layer=self.draft_experts), rate=rate)
 
-
     def teacher_forced_logits(self, prompts, continuations):
         """Feed the continuation in blocks of gamma + 1 tokens, the shape a verification pass has, so that the
         rounding of this engine's own forwards is what gets compared (in bfloat16 it differs from one token at a
@@ -190,7 +200,7 @@ class SpecMoEEngine(RuntimeEngine):
         rt = self.runtime
         self.policy.mode = "verify"
         with torch.inference_mode():
-            first, state = rt.prefill(prompts)
+            first, state = rt.prefill(prompts, len(continuations[0]), slack=self.options.gamma + 1)
             cont = torch.tensor(continuations, device=rt.device)  # [B, C]
             out, fed, C = [first[:, None, :]], 0, cont.shape[1]
             everyone = torch.ones(cont.shape[0], dtype=torch.bool, device=rt.device)
@@ -212,17 +222,11 @@ class NoSpecEngine(SpecMoEEngine):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def truncate_cache(cache, length: int) -> None:
-    """Drop every cache slot from `length` on (negative crop: remove that many slots, in every transformers 5)."""
-    excess = cache.get_seq_length() - length
-    if excess > 0:
-        cache.crop(-excess)
-
-
 class SpeculativeDecoder:
     """Draft gamma tokens per sequence with the draft experts, verify all of them in one full forward, keep each
-    sequence's longest accepted prefix plus the bonus token. Rejected slots stay in the KV cache as holes masked
-    out of attention; each row continues at its own explicit position."""
+    sequence's longest accepted prefix plus the bonus token. A row's draft and verification tokens are written at
+    its own positions in the static cache; the next step overwrites whatever it rejected, so nothing is rolled
+    back, and each row continues at its own position."""
 
     PROBE_EVERY = 8  # adaptive: every this many steps, time the mode not in use again
 
@@ -233,44 +237,42 @@ class SpeculativeDecoder:
             rate: dict | None = None) -> Generation:
         """rate: the adaptive switch's tokens/s of each mode and its step count, updated in place (an engine
         passes the same dict on every call with this batch size, so what was learnt carries over)."""
-        rt, policy, store = self.rt, self.policy, self.rt.store
-        store.reset_counters()
-        policy.draft_requests = policy.draft_substituted = 0
+        rt = self.rt
+        rt.reset_stats()
         sampler = Sampler(settings)
         B = len(prompts)
         out = Outputs(B, settings)
-        stats = dict(drafted_tokens=0, accepted_tokens=0, draft_time_s=0.0, verify_time_s=0.0, draft_h2d_bytes=0,
-                     verify_h2d_bytes=0, spec_steps=0, plain_steps=0, seq_steps=0)
+        stats = dict(drafted_tokens=0, accepted_tokens=0, draft_h2d_bytes=0, verify_h2d_bytes=0, spec_steps=0,
+                     plain_steps=0, seq_steps=0)
+        self.clock = StepClock(rt.device)
         t_start = time.perf_counter()
-        logits, state = rt.prefill(prompts)
-        pending = sampler(logits)  # [B] sampled, not yet in the cache
-        rt.sync()
+        logits, state = rt.prefill(prompts, settings.max_new_tokens, slack=self.gamma + 1)
+        pending, pending_host = sampler.next(logits, rt.device)  # [B] sampled, not yet in the cache
         t_first = time.perf_counter()
-        out.emit_all(pending)
+        out.emit_all(pending_host)
         step_times, step_tokens = [], []
         rate = rate if rate is not None else {"spec": None, "plain": None, "step": 0}
-        while not bool(out.done.all()):
+        active = RowMask(out, rt.device)
+        while not out.all_done:
             mode = self.choose(rate, rate["step"])
             t0 = time.perf_counter()
-            active = ~out.done
+            rows = int((~out.done).sum())
             if mode == "plain":
-                logits = state.step(rt, pending.to(rt.device)[:, None], active.to(rt.device))
-                pending = sampler(logits[:, -1, :])
-                rt.sync()
-                n = out.emit_all(pending)
+                logits = state.step(rt, pending[:, None], active.device_mask())
+                pending, pending_host = sampler.next(logits[:, -1, :], rt.device)
+                n = out.emit_all(pending_host)
                 stats["plain_steps"] += 1
             else:
-                pending, n = self.speculate(state, pending, active, sampler, out.emit, stats)
+                pending, n = self.speculate(state, pending, active, sampler, out, stats)
                 stats["spec_steps"] += 1
             now = time.perf_counter()
             rate[mode] = n / (now - t0) if rate[mode] is None else 0.5 * rate[mode] + 0.5 * n / (now - t0)
-            stats["seq_steps"] += int(active.sum())
+            stats["seq_steps"] += rows
             step_times.append(now)
             step_tokens.append(n)
             rate["step"] += 1
-        counted = not policy.sync_free  # a sync-free draft never learns its routing on the host
-        stats.update(store.counters.snapshot(), draft_expert_requests=policy.draft_requests if counted else None,
-                     draft_substituted=policy.draft_substituted if counted else None, **extra)
+        counts = rt.stats()
+        stats.update(counts, draft_expert_requests=counts.pop("draft_requests"), **self.clock.totals(), **extra)
         return Generation(tokens=out.tokens, prompt_lens=[len(p) for p in prompts], t_start=t_start, t_first=t_first,
                           step_times=step_times, step_tokens=step_tokens, t_end=time.perf_counter(), stats=stats)
 
@@ -285,63 +287,91 @@ class SpeculativeDecoder:
         other = "plain" if best == "spec" else "spec"
         return other if step % self.PROBE_EVERY == 0 else best
 
-    def speculate(self, state, pending, active, sampler: Sampler, emit, stats):
-        """One draft + verify step. Returns (new pending tokens [B], tokens emitted across the batch)."""
+    def speculate(self, state, pending, active: RowMask, sampler: Sampler, out: Outputs, stats):
+        """One draft + verify step. pending [B] (device): each row's token not yet in the cache. Returns (the new
+        pending tokens [B], tokens emitted across the batch)."""
         rt, policy, store, gamma = self.rt, self.policy, self.rt.store, self.gamma
-        B = pending.shape[0]
-        dev_active = active.to(rt.device)
-        slots0, pos0 = state.mask.shape[1], state.next_pos.clone()
+        live = active.device_mask()  # [B] bool
+        live_host = ~out.done
+        pos0 = state.pos
 
-        # draft: gamma forwards with the draft experts; they write the cache, which is rolled back afterwards
-        t0, bytes0 = time.perf_counter(), store.counters.h2d_bytes
+        # draft: gamma forwards with the draft experts (graph replays); each writes its token's slot
+        bytes0 = store.counters.h2d_bytes
+        self.clock.mark("draft")
         policy.mode = "draft"
-        x, drafts, q = pending, [], []  # drafts[j]: [B] token ids; q[j]: [B, V] draft probabilities
-        on_device = policy.sync_free and sampler.settings.greedy  # greedy drafts need not visit the host
+        x, drafts, q = pending, [], []  # drafts[j]: [B] token ids (device); q[j]: [B, V] draft probabilities
         try:
             for _ in range(gamma):
-                logits = state.step(rt, x.to(rt.device)[:, None], dev_active)[:, -1, :]
+                logits = state.step(rt, x[:, None], live)[:, -1, :]
                 if sampler.settings.greedy:
-                    x = logits.argmax(-1) if on_device else logits.argmax(-1).cpu()
+                    x = logits.argmax(-1)
                 else:
                     q.append(sampler.probs(logits))
-                    x = torch.multinomial(q[-1], 1, generator=sampler.generator)[:, 0]
+                    x = torch.multinomial(q[-1], 1, generator=sampler.generator)[:, 0].to(rt.device)
                 drafts.append(x)
         finally:
             policy.mode = "verify"
-        if on_device:
-            drafts = list(torch.stack(drafts).cpu())  # the step's one host sync for its drafts
-        rt.sync()
-        stats["draft_time_s"] += time.perf_counter() - t0
         stats["draft_h2d_bytes"] += store.counters.h2d_bytes - bytes0
-        truncate_cache(state.cache, slots0)
-        state.mask, state.next_pos = state.mask[:, :slots0], pos0
 
-        # verify: [pending, d1..d_gamma] for every sequence in one forward of the full model
-        t0, bytes0 = time.perf_counter(), store.counters.h2d_bytes
+        # verify: [pending, d1..d_gamma] for every sequence in one forward of the full model, at pos0..pos0+gamma
+        bytes0 = store.counters.h2d_bytes
+        self.clock.mark("verify")
+        state.pos = pos0
         block = torch.stack([pending] + drafts, dim=1)  # [B, gamma + 1]
-        logits = state.step(rt, block.to(rt.device), dev_active)  # [B, gamma + 1, V]
-        target = logits.argmax(-1).cpu() if sampler.settings.greedy else sampler.probs(logits)
-        rt.sync()
-        stats["verify_time_s"] += time.perf_counter() - t0
+        logits = state.step(rt, block, live)  # [B, gamma + 1, V]
+        self.clock.mark(None)
         stats["verify_h2d_bytes"] += store.counters.h2d_bytes - bytes0
 
-        new_pending, emitted = pending.clone(), 0
-        for i in range(B):
-            if not active[i]:
-                continue
-            d = [int(drafts[j][i]) for j in range(gamma)]
-            if sampler.settings.greedy:
-                accepted, bonus = greedy_accept(d, target[i].tolist())
-            else:
-                accepted, bonus = sample_accept(d, [qj[i] for qj in q], target[i], sampler.generator)
-            stats["drafted_tokens"] += gamma
-            stats["accepted_tokens"] += accepted
-            # slots of the rejected drafts become holes; the row goes on after its last accepted token
-            state.mask[i, slots0 + 1 + accepted:] = 0
-            state.next_pos[i] = pos0[i] + accepted + 1
-            new_pending[i] = bonus
-            emitted += emit(i, d[:accepted] + [bonus])
-        return new_pending, emitted
+        if sampler.settings.greedy:
+            target = logits.argmax(-1)  # [B, gamma + 1]: the full model's token after each verified one
+            matched = (block[:, 1:] == target[:, :gamma]).long().cumprod(dim=1)
+            accepted = matched.sum(dim=1)  # [B]: the longest prefix of drafts the full model agrees with
+            bonus = target.gather(1, accepted[:, None])[:, 0]
+            host = torch.cat([target, accepted[:, None]], dim=1).cpu()  # the step's one host transfer
+            emitted_tokens, accepted_host = host[:, :-1], host[:, -1]  # accepted drafts equal the targets
+        else:
+            p = sampler.probs(logits)  # [B, gamma + 1, V] on the host
+            d = block[:, 1:].cpu()
+            emitted_tokens = torch.zeros((pending.shape[0], gamma + 1), dtype=torch.long)
+            accepted_host = torch.zeros(pending.shape[0], dtype=torch.long)
+            for i in live_host.nonzero().flatten().tolist():
+                a, b = sample_accept(d[i].tolist(), [qj[i] for qj in q], p[i], sampler.generator)
+                accepted_host[i] = a
+                emitted_tokens[i, :a], emitted_tokens[i, a] = d[i, :a], b
+            accepted = accepted_host.to(rt.device)
+            bonus = emitted_tokens.gather(1, accepted_host[:, None])[:, 0].to(rt.device)
+        stats["drafted_tokens"] += gamma * int(live_host.sum())
+        stats["accepted_tokens"] += int(accepted_host[live_host].sum())
+        # a row goes on after its last accepted token; finished rows stay where they are
+        state.pos = torch.where(live, pos0 + accepted + 1, pos0)
+        emitted = out.emit_block(emitted_tokens, torch.where(live_host, accepted_host + 1, 0))
+        return torch.where(live, bonus, pending), emitted
+
+
+class StepClock:
+    """Time spent drafting and verifying: CUDA events on the device's stream (resolved once, at the end), host
+    clocks on the CPU. mark(phase) starts `phase` and ends the one before; mark(None) only ends it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: list[tuple[str | None, object]] = []
+
+    def mark(self, phase: str | None) -> None:
+        if self.cuda:
+            stamp = torch.cuda.Event(enable_timing=True)
+            stamp.record()
+        else:
+            stamp = time.perf_counter()
+        self.marks.append((phase, stamp))
+
+    def totals(self) -> dict[str, float]:
+        out = {"draft_time_s": 0.0, "verify_time_s": 0.0}
+        if self.cuda and self.marks:
+            self.marks[-1][1].synchronize()
+        for (phase, a), (_, b) in zip(self.marks, self.marks[1:]):
+            if phase is not None:
+                out[f"{phase}_time_s"] += a.elapsed_time(b) / 1e3 if self.cuda else b - a
+        return out
 
 
 def greedy_accept(drafts: list[int], target: list[int]) -> tuple[int, int]:

@@ -16,6 +16,9 @@ Definitions (per iteration, then the mean over iterations; `samples` keeps the p
   tokens_per_step       tokens a sequence gains per decode step, bonus token included (vLLM's convention):
                         sum(step_tokens) / seq_steps; 1.0 for plain decoding
   acceptance_rate       accepted / drafted tokens; absent for engines that do not draft
+  weight_read_bytes     weight bytes the forwards read from device memory: non-expert weights (less the input
+                        embedding, of which only the tokens' rows are read) plus each MoE layer's distinct experts
+  bound_tokens_per_s, pct_of_bound, bound   the cell against its hardware bound (harness/bounds.py)
 A value that was not measured stays None; nothing defaults to 0.
 """
 from __future__ import annotations
@@ -142,5 +145,6 @@ def compute(gens: list[Generation]) -> tuple[Metrics, dict[str, list[float]]]:
         verify_time_ms=None if verify_s is None else verify_s * 1e3,
         draft_h2d_bytes=None if per_iter("draft_h2d_bytes") is None else round(per_iter("draft_h2d_bytes")),
         verify_h2d_bytes=None if per_iter("verify_h2d_bytes") is None else round(per_iter("verify_h2d_bytes")),
+        weight_read_bytes=None if per_iter("weight_read_bytes") is None else round(per_iter("weight_read_bytes")),
     )
     return m, samples

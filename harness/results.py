@@ -228,9 +228,10 @@ COMPARE_METRICS = [
     ("tokens_per_s", "{:.1f}"), ("decode_tokens_per_s", "{:.1f}"), ("ttft_ms", "{:.1f}"),
     ("tpot_ms_p50", "{:.2f}"), ("tpot_ms_p99", "{:.2f}"), ("h2d_bytes_per_token", "bytes"),
     ("h2d_gb_per_s", "{:.1f}"), ("expert_hit_rate", "{:.3f}"), ("tokens_per_step", "{:.2f}"),
-    ("acceptance_rate", "{:.3f}"),
-    ("equivalent", "bool"),
+    ("acceptance_rate", "{:.3f}"), ("bound_tokens_per_s", "{:.1f}"), ("pct_of_bound", "{:.1%}"),
+    ("bound", "str"), ("equivalent", "bool"),
 ]
+GPU_ONLY = {"bound_tokens_per_s", "pct_of_bound", "bound"}  # rows left out of a table in which no cell has them
 
 
 def fmt(value, how: str) -> str:
@@ -238,6 +239,8 @@ def fmt(value, how: str) -> str:
         return "-"
     if how == "bool":
         return "yes" if value else "no"
+    if how == "str":
+        return str(value)
     if how == "bytes":
         from engines.hardware import format_bytes
         return format_bytes(value)
@@ -274,7 +277,9 @@ def comparison_table(results: list[CellResult], engines: list[str] | None = None
                                                                                           kv[0][2], kv[0][3])):
         base = by_engine.get(engines[0])
         notes = {e: _status_note(r) for e, r in by_engine.items()}
-        for i, (metric, how) in enumerate(COMPARE_METRICS):
+        shown = [(m, how) for m, how in COMPARE_METRICS
+                 if m not in GPU_ONLY or any(getattr(r.metrics, m) is not None for r in by_engine.values())]
+        for i, (metric, how) in enumerate(shown):
             cells = []
             for j, e in enumerate(engines):
                 r = by_engine.get(e)
@@ -287,7 +292,7 @@ def comparison_table(results: list[CellResult], engines: list[str] | None = None
                 v = getattr(r.metrics, metric)
                 text = fmt(v, how)
                 b = getattr(base.metrics, metric) if base is not None and base.status == "ok" else None
-                if j > 0 and how != "bool" and v is not None and b:
+                if j > 0 and how not in ("bool", "str") and v is not None and b:
                     text += f" ({v / b:.2f}x)"
                 cells.append(text)
             label = model if workload == "synthetic-ids" else f"{model} [{workload}]"

@@ -257,6 +257,10 @@ def _measure(cell: CellConfig, result: CellResult, run_dir: Path | None, save_ou
             metrics.nvml["nvml_absent"] = f"hardware {hw.spec!r} is not an NVIDIA GPU: NVML metrics not measured"
         if hw.is_cuda:
             metrics.peak_device_mem_bytes = int(torch.cuda.max_memory_allocated(hw.device))
+            from harness import bounds
+            rates = bounds.for_run(run_dir, hw.device)
+            bounds.apply(metrics, rates)
+            result.environment["hardware_bounds"] = rates
         metrics.host_rss_bytes_max = _peak_rss_bytes(result.process)
         setup = dict(engine.setup_stats() or {})
         metrics.setup_h2d_bytes = setup.get("setup_h2d_bytes")
@@ -648,6 +652,18 @@ def _read_progress(stream, write_log, on_message=None) -> None:
             write_log(line)
 
 
+def _record_bounds(run: RunDir) -> None:
+    """The hardware-bound probes the cells made, into run.json (harness/bounds.py)."""
+    from harness import bounds
+    found = bounds.recorded(run.path)
+    if found:
+        with contextlib.suppress(OSError, ValueError):
+            meta = run.read_meta()
+            if meta:
+                meta["hardware_bounds"] = found
+                run.write_meta(meta)
+
+
 def run_matrix(cells: list[CellConfig], run: RunDir, progress, save_outputs: bool = False,
                retry_failed: bool = False, env: dict | None = None) -> list[CellResult]:
     """Run every cell that has not finished in `run`; return the results of all cells, in matrix order.
@@ -686,6 +702,7 @@ def run_matrix(cells: list[CellConfig], run: RunDir, progress, save_outputs: boo
         results[i] = result
     if worker is not None:
         worker.stop()
+    _record_bounds(run)
     progress.finish()
     return [results[i] for i in range(len(cells))]
 

@@ -70,6 +70,11 @@ class Metrics:
     h2d_copies: int | None = None
     expert_hit_rate: float | None = None
     setup_h2d_bytes: int | None = None  # copies made to keep experts resident before measuring
+    weight_read_bytes: int | None = None  # per iteration: weight bytes the forwards read from device memory
+    # the hardware bound (harness/bounds.py): absent on the CPU
+    bound_tokens_per_s: float | None = None  # output tokens / time the cell's h2d bytes and weight reads need
+    pct_of_bound: float | None = None  # tokens_per_s / bound_tokens_per_s (a fraction; 1.0 is the hardware's limit)
+    bound: str | None = None  # which bound binds: "pcie" (host-to-device copies) or "memory" (weight reads)
     # speculation (absent for engines that do not speculate)
     drafted_tokens: int | None = None
     accepted_tokens: int | None = None

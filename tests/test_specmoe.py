@@ -65,25 +65,6 @@ def test_greedy_specmoe_equals_resident_in_float32(model, options):
     assert engine.generate(prompts, settings).tokens == reference_tokens(model, torch.float32, 8, settings)
 
 
-@pytest.mark.parametrize("model", ["tiny-mixtral-random", "tiny-qwen2moe-random"])
-@pytest.mark.parametrize("batch", [1, 8])
-def test_sync_free_draft_drafts_what_the_routed_draft_does(model, batch):
-    """The sync-free draft runs each resident draft expert over every token; in float64 it drafts the same tokens
-    as the routed draft (so the same acceptance), moves nothing, and the output is still resident's."""
-    settings = SamplingSettings(max_new_tokens=14)
-    prompts = prompts_of_different_lengths(batch, seed=batch)
-    runs = {}
-    for sync_free in (False, True):
-        engine = loaded("specmoe", model, gamma=4, adaptive=False, draft_experts=2, sync_free_draft=sync_free)
-        runs[sync_free] = engine.generate(prompts, settings)
-    fast, routed = runs[True], runs[False]
-    assert fast.tokens == routed.tokens == reference_tokens(model, torch.float64, batch, settings)
-    assert fast.stats["accepted_tokens"] == routed.stats["accepted_tokens"]
-    assert fast.stats["drafted_tokens"] == routed.stats["drafted_tokens"] > 0
-    assert fast.stats["draft_h2d_bytes"] == 0 and fast.stats["h2d_bytes"] == routed.stats["h2d_bytes"]
-    assert fast.stats["draft_substituted"] is None  # not learnt without a host sync: absent, not 0
-
-
 def test_adaptive_mode_keeps_what_it_learnt_between_calls():
     """After speculation measured slower than plain steps, the next call of the same batch size decodes plainly,
     probing speculation only every PROBE_EVERY steps, and still gives resident's tokens."""

@@ -46,16 +46,20 @@ def _tiny_qwen2moe() -> PretrainedConfig:
                           decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False)
 
 
-def _tiny_trained_shape() -> PretrainedConfig:
-    from .train import TRAIN_PRESETS
-    return TRAIN_PRESETS["tiny"].model_config()
+def _trained_shape(name: str) -> Callable[[], PretrainedConfig]:
+    def config() -> PretrainedConfig:
+        from .train import TRAIN_PRESETS
+        return TRAIN_PRESETS[name].model_config()
+    return config
 
 
 # name -> (config factory, description). Random weights: results carry source "synthetic".
 SYNTHETIC: dict[str, tuple[Callable[[], PretrainedConfig], str]] = {
     "tiny-mixtral-random": (_tiny_mixtral, "2-layer Mixtral-family toy, 8 experts top-2, random weights"),
     "tiny-qwen2moe-random": (_tiny_qwen2moe, "2-layer Qwen2-MoE-family toy with a shared expert, random weights"),
-    "tiny-random": (_tiny_trained_shape, "the shape of 'tiny' with random weights (the routing-locality control)"),
+    "tiny-random": (_trained_shape("tiny"), "the shape of 'tiny' with random weights (the routing-locality control)"),
+    "small-random": (_trained_shape("small"), "the shape of 'small' with random weights (GPU timing without training; "
+                                              "its acceptance and hit rates mean nothing)"),
 }
 
 # Checkpoints the project trains itself (workloads/train.py); source "trained".

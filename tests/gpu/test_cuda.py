@@ -77,34 +77,38 @@ def _top1(a, b):
 
 
 @pytest.mark.parametrize("model", ["tiny-mixtral-random", "tiny-qwen2moe-random"])
-def test_accelerate_offload_agrees_with_resident_on_cuda(model, capsys):
-    """transformers + accelerate with half the experts allowed on the device, bf16, scored by teacher forcing.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_accelerate_offload_agrees_with_resident_on_cuda(model, dtype, capsys):
+    """transformers + accelerate with half the experts allowed on the device, scored by teacher forcing.
     Printed beside it: transformers' own forward with every weight on the GPU, so that a gap to `resident` can be
-    told apart: from accelerate's offload (accelerate vs transformers on the GPU) or from transformers' bf16
-    kernels against the runtime's (transformers on the GPU vs resident)."""
+    told apart: from accelerate's offload (accelerate vs transformers on the GPU) or from kernels (transformers on
+    the GPU vs resident). Both must agree in top-1 at 0.99 or more, in bf16 and in float32 (TF32 off)."""
     from harness.equivalence import teacher_forcing_inputs
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     prompts, settings = _prompts(8), SamplingSettings(max_new_tokens=16)
     ref = registry.create("resident")
-    ref.load(load_model(model, dtype=torch.bfloat16), HardwareProfile.parse("cuda"))
+    ref.load(load_model(model, dtype=dtype), HardwareProfile.parse("cuda"))
     ref_tokens, ref_logits = reference(ref, prompts, settings)
     ref.close()
     conts = teacher_forcing_inputs(prompts, ref_tokens)
-    native = load_model(model, dtype=torch.bfloat16).model.to("cuda")
+    native = load_model(model, dtype=dtype).model.to("cuda")
     native_logits = _hf_logits(native, prompts, conts, torch.device("cuda"))
     impl = getattr(native.config, "_experts_implementation", None)
     del native
     engine = registry.create("accelerate")
-    engine.load(load_model(model, dtype=torch.bfloat16), HardwareProfile.parse("cuda:budget=50%"))
+    engine.load(load_model(model, dtype=dtype), HardwareProfile.parse("cuda:budget=50%"))
     devices = sorted({str(p.device) for p in engine.model.parameters()})
     eq = check_engine(engine, prompts, settings, ref_tokens, ref_logits)
     acc_logits = engine.teacher_forced_logits(prompts, conts)
     engine.close()
     (n_top1, n_diff), (a_top1, a_diff) = _top1(native_logits, ref_logits), _top1(acc_logits, native_logits)
     with capsys.disabled():
-        print(f"\n{model} accelerate: weights on {devices}; vs resident: exact={eq.exact_match_rate:.3f} "
+        print(f"\n{model} {dtype} accelerate: weights on {devices}; vs resident: exact={eq.exact_match_rate:.3f} "
               f"top1={eq.teacher_forced_top1:.4f} max|dlogit|={eq.max_abs_logit_diff:.3g}\n"
               f"  transformers on the GPU (experts implementation {impl!r}) vs resident: top1={n_top1:.4f} "
               f"max|dlogit|={n_diff:.3g}\n  accelerate vs transformers on the GPU: top1={a_top1:.4f} "
               f"max|dlogit|={a_diff:.3g}")
     assert a_top1 >= 0.99  # the offload itself
     assert eq.teacher_forced_top1 >= 0.99
+    if dtype == torch.float32:
+        assert eq.max_abs_logit_diff < 1e-3

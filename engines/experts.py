@@ -1,0 +1,124 @@
+"""The arithmetic of every expert in the project: routed (token, expert) pairs, grouped by the pool slot that serves
+them, through one grouped GEMM per projection over the device expert pool. No host sync and no Python loop over
+experts, so a layer whose slots are known on the device (all resident, or a draft's substitution table) can be
+captured in a CUDA graph; every engine computes its experts here, so outputs are comparable.
+
+Shape keys: N = tokens of the forward, K = experts per token, P = N * K routed pairs, S = pool slots, H = hidden.
+"""
+from __future__ import annotations
+
+import torch
+
+# torch._grouped_mm has a fast kernel for these; other dtypes (float64) run one matmul per group instead
+_GROUPED_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Rows x[offs[g-1]:offs[g]] times slot g's weight. w: [S, out, in] (transposed=False, as nn.Linear stores
+    it) or [S, in, out]; offs [S] int32 cumulative row counts. Rows from offs[-1] on are left unwritten."""
+    wt = w if transposed else w.transpose(-2, -1)  # [S, in, out]
+    if _use_grouped_mm(x, wt):
+        return torch._grouped_mm(x, wt, offs=offs)
+    out = torch.zeros((x.shape[0], wt.shape[-1]), dtype=x.dtype, device=x.device)
+    start = 0
+    for g, end in enumerate(offs.tolist()):  # a host sync: only where no grouped kernel serves this dtype
+        if end > start:
+            out[start:end] = x[start:end] @ wt[g]
+        start = end
+    return out
+
+
+def _use_grouped_mm(x: torch.Tensor, wt: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in _GROUPED_DTYPES:
+        return False
+    if x.device.type == "cuda":  # the CUDA kernel is bf16 (sm80+); float32 there takes the loop
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return True
+
+
+class ExpertCounters:
+    """Device-side tallies that graph replays keep up to date (the host reads them once per generate call):
+    distinct experts each layer's forward read from the pool, and for drafts, distinct routed experts and how
+    many of them were served by a substitute."""
+
+    NAMES = ("experts_read", "draft_requests", "draft_substituted", "resident_hits")
+
+    def __init__(self, device):
+        self.values = torch.zeros(len(self.NAMES), dtype=torch.long, device=device)
+        self._index: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.add_to((name,), value)
+
+    def add_to(self, names: tuple[str, ...], value: torch.Tensor) -> None:
+        """Add one device scalar to several tallies, in one kernel."""
+        key = tuple(self.NAMES.index(n) for n in names)
+        index = self._index.get(key)
+        if index is None:
+            index = self._index[key] = torch.tensor(key, dtype=torch.long, device=self.values.device)
+        self.values.index_add_(0, index, value.reshape(1).expand(len(key)))
+
+    def read(self) -> dict[str, int]:
+        return dict(zip(self.NAMES, self.values.tolist()))
+
+    def reset(self) -> None:
+        self.values.zero_()
+
+
+def run_experts(module, pool: dict[str, torch.Tensor], slot_table: torch.Tensor, hidden: torch.Tensor,
+                top_k_index: torch.Tensor, top_k_weights: torch.Tensor, active: torch.Tensor | None,
+                counters: ExpertCounters, tally: tuple[str, ...] = ()) -> torch.Tensor:
+    """The experts of one MoE layer. slot_table [E]: the pool slot serving each expert id (for a draft, the slot
+    of its nearest resident expert); active [N] or None: tokens that route at all (padding and finished rows
+    do not). The distinct slots read are added to experts_read and to the `tally` counters. Returns [N, H]."""
+    N, K = top_k_index.shape
+    S = next(iter(pool.values())).shape[0]
+    slot = slot_table[top_k_index]  # [N, K]
+    if active is not None:
+        slot = torch.where(active[:, None], slot, S)  # S: a sentinel that sorts last and joins no group
+    flat = slot.reshape(-1)  # [P]
+    order = torch.argsort(flat, stable=True)  # pairs grouped by slot; ascending token order inside a slot
+    counts = torch.zeros(S + 1, dtype=torch.int32, device=hidden.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts[:S], 0, dtype=torch.int32)  # [S]
+    counters.add_to(("experts_read",) + tally, (counts[:S] > 0).sum())
+
+    x = hidden[order // K]  # [P, H]
+    sorted_slot = flat[order].clamp(max=S - 1)  # bias rows of the sentinel tail are never used
+    if module.has_gate:
+        h = _linear(module, x, pool, "gate_up_proj", offs, sorted_slot)
+        h = module._apply_gate(h)
+    else:
+        h = module.act_fn(_linear(module, x, pool, "up_proj", offs, sorted_slot))
+    h = _linear(module, h, pool, "down_proj", offs, sorted_slot)  # [P, H]
+    if getattr(module, "has_post_expert_norm", False):
+        h = module.post_expert_norm(h)
+    routed = torch.arange(flat.shape[0], device=hidden.device) < offs[-1]  # the sentinel tail is unwritten
+    weight = top_k_weights.reshape(-1)[order]  # in the router's dtype, as transformers' own experts weigh them
+    h = h * weight[:, None]
+    h = torch.where(routed[:, None], h, 0.0)
+    unsorted = torch.empty_like(h)
+    unsorted[order] = h  # a permutation: deterministic, unlike index_add_
+    return unsorted.view(N, K, -1).sum(dim=1).to(hidden.dtype)
+
+
+def _linear(module, x, pool, name, offs, sorted_slot):
+    out = grouped_linear(x.to(pool[name].dtype), pool[name], offs, module.is_transposed)
+    bias = pool.get(name + "_bias")
+    return out + bias[sorted_slot] if bias is not None else out
+
+
+def distinct_routed(top_k_index: torch.Tensor, active: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+    """[E] bool: experts that at least one active token routes to (on the device, no sync)."""
+    flat = top_k_index.reshape(-1)
+    if active is not None:
+        flat = torch.where(active[:, None].expand_as(top_k_index).reshape(-1), flat, num_experts)
+    hit = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
+    hit.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return hit[:num_experts] > 0
+
+
+def graph_safe(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the experts forward runs without a host sync for this dtype and device (a grouped kernel exists)."""
+    x = torch.empty((0, 8), dtype=dtype, device=device)
+    return _use_grouped_mm(x, x)
