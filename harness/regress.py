@@ -16,35 +16,18 @@ import click
 
 from engines.errors import BadInput
 from harness.results import read_cell
-from harness.schema import CellResult
+from harness.schema import METRIC_FACTS, CellResult, metric_value
 
-# metric -> which way is better. "exact": no better direction, any change is flagged.
-DIRECTION: dict[str, str] = {
-    "tokens_per_s": "higher", "decode_tokens_per_s": "higher", "prefill_tokens_per_s": "higher",
-    "ttft_ms": "lower", "tpot_ms_p50": "lower", "tpot_ms_p90": "lower", "tpot_ms_p99": "lower",
-    "e2e_latency_ms": "lower",
-    "output_tokens": "exact",
-    "h2d_bytes": "lower", "h2d_bytes_per_token": "lower", "h2d_gb_per_s": "higher", "h2d_copies": "lower",
-    "expert_hit_rate": "higher",
-    "setup_h2d_bytes": "lower",
-    "drafted_tokens": "exact", "accepted_tokens": "higher", "acceptance_rate": "higher", "tokens_per_step": "higher",
-    "draft_time_ms": "lower", "verify_time_ms": "lower", "draft_h2d_bytes": "lower", "verify_h2d_bytes": "lower",
-    "peak_device_mem_bytes": "lower", "host_rss_bytes_max": "lower",
-    "equivalent": "higher", "exact_match_rate": "higher", "teacher_forced_top1": "higher",
-    "max_abs_logit_diff": "lower",
-    # NVML summary keys (harness.nvml), absent without an NVIDIA GPU
-    "nvml.joules_per_token": "lower", "nvml.power_w_mean": "lower",
-}
-# Counted by the engine, not timed: identical from run to run on the CPU, so compared exactly there.
-DETERMINISTIC_ON_CPU = {"h2d_bytes_per_token", "h2d_bytes", "h2d_copies", "expert_hit_rate", "tokens_per_step",
-                        "acceptance_rate", "drafted_tokens", "accepted_tokens", "output_tokens", "equivalent",
-                        "exact_match_rate"}
+# Read from the metric facts on the schema (harness.schema.METRIC_FACTS): metric -> which way is better, "exact"
+# for a count with no better direction (any change is flagged); those counted, not timed, are exact on the CPU.
+DIRECTION: dict[str, str] = {n: f.better or "exact" for n, f in METRIC_FACTS.items() if f.compared}
+DETERMINISTIC_ON_CPU = {n for n, f in METRIC_FACTS.items() if f.cpu_exact and f.compared}
+NOT_COMPARED = {n for n, f in METRIC_FACTS.items() if not f.compared and not n.startswith("nvml.")}
 ALWAYS_EXACT = {"equivalent"}  # a reference match lost is a regression on any hardware
 # Compared when no --metric is given.
 DEFAULT_METRICS = ["tokens_per_s", "decode_tokens_per_s", "ttft_ms", "tpot_ms_p50", "h2d_bytes_per_token",
                    "expert_hit_rate", "tokens_per_step", "acceptance_rate", "equivalent", "exact_match_rate",
                    "nvml.joules_per_token"]
-NOT_COMPARED = {"iterations", "first_divergence"}  # a count of the method, a list: no direction
 
 ALPHA = 0.05  # significance level of the two-sided Mann-Whitney U test
 MIN_SAMPLES = 4  # per side: with 3 vs 3 samples the smallest two-sided p-value is 0.1, so 0.05 is unreachable
@@ -145,13 +128,6 @@ def check_metrics(names: list[str]) -> list[str]:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise BadInput(f"unknown metric {n!r}{hint}; known metrics: {', '.join(DIRECTION)}")
     return names
-
-
-def metric_value(r: CellResult, metric: str):
-    if metric.startswith("nvml."):
-        v = (r.metrics.nvml or {}).get(metric[5:])
-        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-    return getattr(r.metrics, metric)
 
 
 def compare_metric(cell: str, metric: str, base: CellResult, cand: CellResult, threshold: float) -> Row:
@@ -305,18 +281,7 @@ def render_markdown(comp: Comparison, threshold: float, per_metric: dict[str, fl
 
 
 def unit_of(metric: str) -> str:
-    if metric.startswith("nvml."):
-        return {"nvml.joules_per_token": "J/token", "nvml.power_w_mean": "W"}.get(metric, "")
-    if metric.endswith("_per_s"):
-        return "tokens/s"
-    if metric.endswith("_ms"):
-        return "ms"
-    if metric.endswith("_bytes_per_token"):
-        return "bytes/token"
-    if metric.endswith("_bytes") or metric.endswith("_bytes_max"):
-        return "bytes"
-    return {"tokens_per_step": "tokens/step", "equivalent": "1 = yes"}.get(metric, "ratio" if "rate" in metric
-                                                                            or "top1" in metric else "count")
+    return METRIC_FACTS[metric].unit
 
 
 def github_benchmark_json(cand: list[CellResult], comp: Comparison) -> tuple[list[dict], list[dict]]:
