@@ -28,12 +28,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from engines.errors import BadInput
 
-from .schema import CellConfig
+from .schema import PROCESS_PER, CellConfig, type_name
+from .schema import check_setting as schema_check_setting
 
 AXES = {"engines": "engine", "models": "model", "batch_sizes": "batch_size", "hardware": "hardware",
         "workloads": "workload"}  # [matrix] key -> CellConfig field
@@ -41,8 +42,6 @@ DEFAULT_WORKLOAD = "synthetic-ids"
 # [settings] keys: CellConfig fields that are not axes (engine options come from [engines.NAME])
 SETTINGS = {f.name: f for f in dataclasses.fields(CellConfig)
             if f.name not in set(AXES.values()) | {"engine_options"}}
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "int | None": (int,), "bool": (bool,)}
-PROCESS_PER = ("cell", "model")  # a process per cell, or one shared by consecutive cells of one model
 MATRICES_DIR = Path(__file__).resolve().parent.parent / "matrices"
 
 
@@ -51,39 +50,16 @@ class Matrix:
     cells: list[CellConfig]
     source: str  # the file, or "compare" for an ad-hoc matrix
     text: str = ""  # the TOML as written, stored in run.json
-    axes: dict = field(default_factory=dict)
-
-
-def _type_name(value) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a table"}.get(type(value), type(value).__name__)
 
 
 def check_setting(where: str, key: str, value):
-    """Validate one [settings] value against the CellConfig field's type and range; returns it converted."""
-    f = SETTINGS.get(key)
-    if f is None:
+    """Validate one [settings] value (schema.check_setting's rules); returns it converted."""
+    if key not in SETTINGS:
         raise BadInput(f"{where}: unknown key {key!r}; allowed: {', '.join(SETTINGS)}")
-    kinds = _TYPES[str(f.type)]
-    if kinds == (bool,):
-        if not isinstance(value, bool):
-            raise BadInput(f"{where}: {key} must be true or false, got {_type_name(value)} {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise BadInput(f"{where}: {key} must be {'an integer' if kinds == (int,) else 'a number' if float in kinds else 'a string'}, "
-                       f"got {_type_name(value)} {value!r}")
-    if key == "dtype" and value not in ("float32", "float16", "bfloat16"):
-        raise BadInput(f"{where}: dtype {value!r} is not one of float32, float16, bfloat16")
-    if key == "process_per" and value not in PROCESS_PER:
-        raise BadInput(f"{where}: process_per {value!r} is not one of {', '.join(PROCESS_PER)}")
-    positive = {"prompt_len", "max_new_tokens", "min_iterations", "model_layers", "timeout_s", "cpu_threads"}
-    if key in positive and value <= 0:
-        raise BadInput(f"{where}: {key} must be greater than 0, got {value!r}")
-    if key in {"warmup", "min_duration_s", "temperature", "seed"} and value < 0:
-        raise BadInput(f"{where}: {key} must be 0 or more, got {value!r}")
-    if key == "top_p" and not 0 < value <= 1:
-        raise BadInput(f"{where}: top_p must be in (0, 1], got {value!r}")
-    return float(value) if float in kinds else value
+    try:
+        return schema_check_setting(key, value)
+    except BadInput as exc:
+        raise BadInput(f"{where}: {exc}") from None
 
 
 def _check_axis(where: str, key: str, values) -> list:
@@ -95,11 +71,11 @@ def _check_axis(where: str, key: str, values) -> list:
     for v in values:
         if key == "batch_sizes":
             if isinstance(v, bool) or not isinstance(v, int):
-                raise BadInput(f"{where}: batch_sizes must hold whole numbers, got {_type_name(v)} {v!r}")
+                raise BadInput(f"{where}: batch_sizes must hold whole numbers, got {type_name(v)} {v!r}")
             if v < 1:
                 raise BadInput(f"{where}: batch size {v} must be at least 1")
         elif not isinstance(v, str) or not v.strip():
-            raise BadInput(f"{where}: {key} must hold non-empty strings, got {_type_name(v)} {v!r}")
+            raise BadInput(f"{where}: {key} must hold non-empty strings, got {type_name(v)} {v!r}")
         if v in out:
             raise BadInput(f"{where}: {key} lists {v!r} twice")
         out.append(v)
@@ -216,7 +192,7 @@ def parse(text: str, source: str, check_hardware: bool = True, check_names: bool
             raise BadInput(f"{source}: [engines.{name}] names an engine that no cell uses")
     if check_names:
         validate_cells(cells, source, check_hardware=check_hardware)
-    return Matrix(cells=cells, source=source, text=text, axes=axes)
+    return Matrix(cells=cells, source=source, text=text)
 
 
 def _table(source: str, data: dict, key: str) -> dict:
@@ -255,7 +231,7 @@ def check_model_name(name: str) -> None:
 
 
 def check_workload_name(name: str) -> None:
-    from .runner import check_workload
+    from workloads.prompts import check_workload
     check_workload(name)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from engines.errors import BadInput
-from harness.results import read_cell
+from harness.results import RunDir, check_writable, warn
 from harness.schema import METRIC_FACTS, CellResult, metric_value
 
 # Read from the metric facts on the schema (harness.schema.METRIC_FACTS): metric -> which way is better, "exact"
@@ -35,37 +35,21 @@ MIN_SAMPLES = 4  # per side: with 3 vs 3 samples the smallest two-sided p-value 
 ENV_IGNORED = {"host", "hostname", "executable", "git_commit", "git_dirty", "git_describe", "started_at",
                "finished_at", "pid", "command", "argv", "timestamp", "run_id"}
 
-# -- loading -------------------------------------------------------------------------------------------------
+# -- loading: the one run-directory API (harness.results.RunDir) ------------------------------------------
 
 
-def resolve_run(path: str | Path) -> Path:
-    """A run directory, or a run id under results/runs/."""
-    p = Path(path)
-    if not p.exists() and (Path("results/runs") / p).is_dir():
-        p = Path("results/runs") / p
-    if not p.is_dir():
-        raise BadInput(f"run {str(path)!r}: no such directory (give results/runs/<run-id> or a run id)")
-    return p
+def load_run(ref: str | Path) -> list[CellResult]:
+    """Every readable cell result of a run: a run directory (results/baselines/cpu) or a run id under
+    results/runs. A corrupt cell file is skipped with a warning naming it."""
+    cells = RunDir.open(ref).results()
+    if not cells:
+        raise BadInput(f"run {str(ref)!r}: no cell results in it")
+    return cells
 
 
-def load_run(path: str | Path) -> list[CellResult]:
-    """Every cell result of a run directory (run.json + cells/*.json), in file-name order."""
-    run = resolve_run(path)
-    files = sorted((run / "cells").glob("*.json"))
-    if not files:
-        raise BadInput(f"run {str(run)!r}: no cell results in {run / 'cells'}")
-    return [read_cell(f) for f in files]
-
-
-def load_run_meta(path: str | Path) -> dict:
-    """run.json of a run directory ({} when absent); BadInput when it is corrupt."""
-    f = resolve_run(path) / "run.json"
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise BadInput(f"{f}: corrupt or truncated run file ({exc.msg} at line {exc.lineno})") from None
+def load_run_meta(ref: str | Path) -> dict:
+    """run.json of a run ({} when absent, or corrupt: then with a warning saying so)."""
+    return RunDir.open(ref).read_meta(on_corrupt=warn)
 
 
 # -- comparison ----------------------------------------------------------------------------------------------
@@ -303,13 +287,17 @@ def github_benchmark_json(cand: list[CellResult], comp: Comparison) -> tuple[lis
     return bigger, smaller
 
 
-def write_github_json(path: str | Path, cand: list[CellResult], comp: Comparison) -> list[Path]:
+def github_json_paths(path: str | Path) -> list[Path]:
+    """PATH.bigger.json and PATH.smaller.json, a trailing .json of PATH dropped."""
     p = Path(path)
-    bigger, smaller = github_benchmark_json(cand, comp)
     stem = p.with_suffix("") if p.suffix == ".json" else p
+    return [stem.parent / f"{stem.name}.{name}.json" for name in ("bigger", "smaller")]
+
+
+def write_github_json(path: str | Path, cand: list[CellResult], comp: Comparison) -> list[Path]:
+    bigger, smaller = github_benchmark_json(cand, comp)
     out = []
-    for name, entries in (("bigger", bigger), ("smaller", smaller)):
-        f = stem.parent / f"{stem.name}.{name}.json"
+    for f, entries in zip(github_json_paths(path), (bigger, smaller)):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(entries, indent=2) + "\n")
         out.append(f)
@@ -338,6 +326,8 @@ def regress_command(baseline, candidate, thresholds, metrics, json_out, out):
     try:
         thr, per_metric = parse_thresholds(thresholds)
         check_metrics(list(metrics))
+        for path in ([out] if out else []) + (github_json_paths(json_out) if json_out else []):
+            check_writable(path, make_parents=True)
         base, cand = load_run(baseline), load_run(candidate)
         comp = compare_runs(base, cand, thr, list(metrics) or None, load_run_meta(baseline), load_run_meta(candidate),
                             per_metric)
@@ -346,12 +336,16 @@ def regress_command(baseline, candidate, thresholds, metrics, json_out, out):
         sys.exit(2)
     text = render_markdown(comp, thr, per_metric)
     click.echo(text, nl=False)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
-    if json_out:
-        for f in write_github_json(json_out, cand, comp):
-            click.echo(f"wrote {f}")
+    try:
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(text)
+        if json_out:
+            for f in write_github_json(json_out, cand, comp):
+                click.echo(f"wrote {f}")
+    except OSError as exc:  # checked before, so only a fault now (a full disk); the table is printed above
+        click.echo(f"error: {exc.filename}: cannot be written ({exc.strerror or exc})", err=True)
+        sys.exit(2)
     sys.exit(1 if comp.failed else 0)
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 import click
 
 from engines.errors import BadInput
-from harness.regress import load_run, load_run_meta, resolve_run
+from harness.results import DEFAULT_RESULTS_DIR, RunDir, check_writable_dir, warn
 from harness.schema import CellResult
 
 REFERENCE_ENGINE = "offload"  # speedups are over naive offload, as in the paper (MoE-OnDemand)
@@ -470,16 +470,22 @@ def render_html(blocks: list[Block]) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_report(run: str | Path, out: str | Path | None = None, nvml_cell: str | None = None) -> list[Path]:
+def write_report(run: str | Path, out: str | Path | None = None, nvml_cell: str | None = None,
+                 results_dir: Path = DEFAULT_RESULTS_DIR) -> list[Path]:
     """Write report.md, report.html and the PNG figures; returns the paths written."""
-    run_dir = resolve_run(run)
-    cells = load_run(run_dir)
-    out_dir = Path(out) if out else run_dir / "report"
-    blocks = build_report(run_dir, cells, load_run_meta(run_dir), out_dir, nvml_cell)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rundir = RunDir.open(run, results_dir)
+    out_dir = Path(out) if out else rundir.path / "report"
+    check_writable_dir(out_dir)
+    cells = rundir.results()
+    if not cells:
+        raise BadInput(f"run {str(run)!r}: no cell results in {rundir.cells_dir}")
     md, page = out_dir / "report.md", out_dir / "report.html"
-    md.write_text(render_markdown(blocks, out_dir))
-    page.write_text(render_html(blocks))
+    try:
+        blocks = build_report(rundir.path, cells, rundir.read_meta(on_corrupt=warn), out_dir, nvml_cell)
+        md.write_text(render_markdown(blocks, out_dir))
+        page.write_text(render_html(blocks))
+    except OSError as exc:
+        raise BadInput(f"output directory {out_dir}: cannot be written ({exc.strerror or exc})") from None
     return [md, page] + [b.path for b in blocks if b.kind == "figure"]
 
 
@@ -490,9 +496,11 @@ def write_report(run: str | Path, out: str | Path | None = None, nvml_cell: str 
 @click.option("--nvml-cell", default=None, metavar="CELL_KEY",
               help="Cell whose NVML readings over time are drawn. Default: the largest-batch specmoe cell that "
                    "has them, else any cell that has them.")
-def report_command(run, out, nvml_cell):
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RESULTS_DIR,
+              show_default=True, help="Directory that holds one sub-directory per run (where a run id is looked up).")
+def report_command(run, out, nvml_cell, results_dir):
     try:
-        paths = write_report(run, out, nvml_cell)
+        paths = write_report(run, out, nvml_cell, results_dir)
     except BadInput as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -5,14 +5,21 @@ read back into one tidy pandas table (a row per cell) and rendered by the one ta
     results/runs/<run-id>/cells/<key>.json   one CellResult per cell (schema harness.schema)
     results/runs/<run-id>/reference/         cached `resident` outputs for equivalence
     results/runs/<run-id>/logs/<key>.log     the cell process's stderr
+    results/runs/<run-id>/run.lock           held (flock) by the process running it, so a second run refuses
+
+Every command that reads a run (show, export, report, regress, resume) goes through RunDir: a corrupt or truncated
+cell file is skipped with a one-line warning naming it, and resume measures that cell again.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +30,15 @@ from .schema import METRIC_FIELDS, CellConfig, CellResult
 
 DEFAULT_RESULTS_DIR = Path("results/runs")
 FINISHED = ("ok", "skipped", "failed")
+
+
+class ResultNotSaved(RuntimeError):
+    """A measured cell's result could not be written to its run directory; the message says where it went."""
+
+
+def warn(text: str) -> None:
+    """One line on stderr: something was passed over, and the command goes on."""
+    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -70,12 +86,21 @@ def cell_filename(cell: CellConfig) -> str:
     return re.sub(r"[^A-Za-z0-9._=,%\[\]+-]", "_", cell.key()) + ".json"
 
 
+def sort_cells(results: list[CellResult]) -> list[CellResult]:
+    """Cells in a reading order: by engine, model, hardware, workload, then batch size as a number."""
+    def order(r: CellResult):
+        c = r.config
+        return (c.engine, c.model, c.hardware, c.workload, c.dtype, c.model_layers or 0, c.batch_size, c.key())
+    return sorted(results, key=order)
+
+
 def new_run_id(label: str) -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + re.sub(r"[^A-Za-z0-9_-]", "_", label)
 
 
 class RunDir:
-    """One run on disk. Creating it checks that the location can be written before anything is measured."""
+    """One run on disk, the one API for writing and reading it. Creating it checks that the location can be
+    written before anything is measured."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -83,7 +108,6 @@ class RunDir:
         self.cells_dir = self.path / "cells"
         self.reference_dir = self.path / "reference"
         self.logs_dir = self.path / "logs"
-        self.tmp_dir = self.path / "tmp"
 
     @classmethod
     def create(cls, results_dir: Path, run_id: str) -> "RunDir":
@@ -91,9 +115,9 @@ class RunDir:
             raise BadInput(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only")
         run = cls(Path(results_dir) / run_id)
         try:
-            for d in (run.cells_dir, run.reference_dir, run.logs_dir, run.tmp_dir):
+            for d in (run.cells_dir, run.reference_dir, run.logs_dir):
                 d.mkdir(parents=True, exist_ok=True)
-            probe = run.tmp_dir / f".probe-{os.getpid()}"
+            probe = run.path / f".probe-{os.getpid()}"
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
@@ -108,17 +132,52 @@ class RunDir:
                 return cls(candidate)
         known = sorted(p.name for p in Path(results_dir).glob("*") if (p / "cells").is_dir())
         hint = f"; runs under {results_dir}: {', '.join(known[-5:])}" if known else f"; {results_dir} holds no runs"
-        raise BadInput(f"run {str(ref)!r}: not a run id or run directory{hint}")
+        raise BadInput(f"run {str(ref)!r}: not a run id or run directory (no such directory{hint})")
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold run.lock for as long as this process runs the run; BadInput at once when a live process holds it.
+        The kernel drops the lock of a process that died, so a stale lock file is simply taken over."""
+        fd = os.open(self.path / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise BadInput(f"run {self.id} in {self.path} is in use by process {holder}; wait for it to end or "
+                           "give another --run-id") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock; the file stays, so no second process can lock a vanished inode
 
     # -- run.json ---------------------------------------------------------------------------------------------
 
     def write_meta(self, meta: dict) -> None:
-        atomic_write_json(self.path / "run.json", meta)
-
-    def read_meta(self) -> dict:
         try:
-            return json.loads((self.path / "run.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            atomic_write_json(self.path / "run.json", meta)
+        except OSError as exc:
+            raise BadInput(f"{self.path / 'run.json'}: cannot be written ({exc.strerror or exc}); nothing was "
+                           "measured") from None
+
+    def read_meta(self, on_corrupt=None) -> dict:
+        """run.json ({} when there is none). A corrupt one raises BadInput saying so, or, given `on_corrupt`, is
+        reported through it and read as {}."""
+        f = self.path / "run.json"
+        try:
+            meta = json.loads(f.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            return meta
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            why = f"{f}: corrupt or unreadable run file ({exc})"
+            if on_corrupt is None:
+                raise BadInput(why) from None
+            on_corrupt(why)
             return {}
 
     # -- cells ------------------------------------------------------------------------------------------------
@@ -126,11 +185,17 @@ class RunDir:
     def cell_path(self, cell: CellConfig) -> Path:
         return self.cells_dir / cell_filename(cell)
 
-    def finished(self, cell: CellConfig) -> CellResult | None:
-        """The stored result of a cell, or None when it has not finished (or its file cannot be read)."""
+    def finished(self, cell: CellConfig, on_corrupt=None) -> CellResult | None:
+        """The stored result of a cell, or None when it has not finished; a file that cannot be read is reported
+        through `on_corrupt` (one line naming it) and counts as not finished, so the cell is measured again."""
+        path = self.cell_path(cell)
+        if not path.exists():
+            return None
         try:
-            result = read_cell(self.cell_path(cell))
-        except (OSError, ValueError, TypeError, KeyError):
+            result = read_cell(path)
+        except BadInput as exc:
+            if on_corrupt is not None:
+                on_corrupt(str(exc))
             return None
         return result if result.status in FINISHED else None
 
@@ -139,8 +204,16 @@ class RunDir:
         atomic_write_json(path, clean_floats(result.to_dict()))
         return path
 
-    def results(self) -> list[CellResult]:
-        return [read_cell(p) for p in sorted(self.cells_dir.glob("*.json"))]
+    def results(self, on_corrupt=warn) -> list[CellResult]:
+        """Every readable cell result, in file-name order; one that cannot be read is skipped and reported
+        through `on_corrupt` (a warning on stderr by default)."""
+        out = []
+        for p in sorted(self.cells_dir.glob("*.json")):
+            try:
+                out.append(read_cell(p))
+            except BadInput as exc:
+                on_corrupt(f"skipped {exc}")
+        return out
 
 
 def read_cell(path: Path) -> CellResult:
@@ -193,32 +266,58 @@ def row(result: CellResult, run_id: str | None = None) -> dict:
 def load_table(run: RunDir):
     """A whole run as one pandas DataFrame, one row per cell."""
     import pandas as pd
-    rows = [row(r, run.id) for r in run.results()]
+    rows = [row(r, run.id) for r in sort_cells(run.results())]
     return pd.DataFrame(rows)
 
 
 def export(run: RunDir, csv: Path | None = None, parquet: Path | None = None) -> list[Path]:
+    for path in (csv, parquet):
+        if path is not None:
+            check_writable(path)
     df = load_table(run)
     written = []
     for path, write in ((csv, lambda p: df.to_csv(p, index=False)), (parquet, lambda p: df.to_parquet(p, index=False))):
         if path is None:
             continue
-        check_writable(path)
-        write(path)
+        try:
+            write(path)
+        except OSError as exc:
+            raise BadInput(f"output path {path}: cannot be written ({exc.strerror or exc})") from None
         written.append(Path(path))
     return written
 
 
-def check_writable(path: str | Path) -> None:
-    """Raise BadInput now, before measuring, if `path` could not be written later."""
+def check_writable(path: str | Path, make_parents: bool = False) -> None:
+    """Raise BadInput now, before the work, if the file `path` could not be written later: by trying (a new
+    file is created and removed again), since permissions alone do not tell (/proc, a read-only mount, root).
+    make_parents: the command creates missing directories, so the nearest existing one must take them."""
     p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
         raise BadInput(f"output path {p}: is a directory")
+    parent = p.parent
+    if make_parents:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
     if not parent.is_dir():
-        raise BadInput(f"output path {p}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise BadInput(f"output path {p}: not writable")
+        raise BadInput(f"output path {p}: directory {p.parent} does not exist")
+    probe = p if p.parent == parent else parent / f".probe-{os.getpid()}"
+    existed = probe.exists()
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_APPEND | (0 if existed else os.O_CREAT | os.O_EXCL), 0o644))
+        if not existed:
+            probe.unlink()
+    except OSError as exc:
+        raise BadInput(f"output path {p}: not writable ({exc.strerror or exc})") from None
+
+
+def check_writable_dir(path: str | Path) -> None:
+    """The same for an output directory (created if missing, as the command would)."""
+    d = Path(path)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"output directory {d}: cannot be created ({exc.strerror or exc})") from None
+    check_writable(d / "report.md")
 
 
 # -- rendering: the one text table renderer ----------------------------------------------------------------------

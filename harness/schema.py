@@ -9,6 +9,7 @@ its metadata; `metric_fact(name)` / METRIC_FACTS give them, NVML summary keys (n
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -45,16 +46,82 @@ class CellConfig:
     # (same model, layers, dtype) share a process, which saves each cell the imports and device start-up
     process_per: str = "cell"
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
+
     def key(self) -> str:
-        """Stable identity of the cell inside a run (used for resume and for matching cells across runs)."""
+        """Stable identity of the cell inside a run (used for resume and for matching cells across runs). A part
+        too long for a file name (a deep checkpoint path) keeps its ends and hashes its middle."""
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.engine_options.items()))
-        parts = [self.engine + (f"[{opts}]" if opts else ""), self.model.replace("/", "_"),
+        parts = [self.engine + (f"[{_short(opts)}]" if opts else ""), _short(self.model.replace("/", "_")),
                  f"L{self.model_layers}" if self.model_layers else "", self.dtype, f"b{self.batch_size}",
                  self.hardware.replace(":", "_").replace("=", "-").replace("%", "pct"),
-                 self.workload.replace("/", "_"),
+                 _short(self.workload.replace("/", "_")),
                  f"p{self.prompt_len}", f"n{self.max_new_tokens}",
                  f"t{self.temperature}" if self.temperature else "", f"s{self.seed}"]
         return "-".join(p for p in parts if p)
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+PROCESS_PER = ("cell", "model")  # a process per cell, or one shared by consecutive cells of one model
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "int | None": (int,),
+          "dict[str, Any]": (dict,)}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table"}
+_POSITIVE = {"batch_size", "prompt_len", "max_new_tokens", "min_iterations", "model_layers", "timeout_s",
+             "cpu_threads"}
+_NON_NEGATIVE = {"warmup", "min_duration_s", "temperature", "seed"}
+
+
+def type_name(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def check_setting(key: str, value):
+    """One CellConfig value checked against its field's type and range, returned converted (an integer where a
+    number is asked becomes a float). The one set of rules for a cell's settings; BadInput names the key, the
+    value and what is allowed."""
+    f = next((f for f in dataclasses.fields(CellConfig) if f.name == key), None)
+    if f is None:
+        raise BadInput(f"unknown key {key!r}; allowed: {', '.join(f.name for f in dataclasses.fields(CellConfig))}")
+    if value is None and "None" in str(f.type):
+        return None
+    kinds = _TYPES[str(f.type)]
+    if isinstance(value, bool) != (kinds == (bool,)) or not isinstance(value, kinds):
+        raise BadInput(f"{key} must be {_TYPE_WORDS[kinds[-1]]}, got {type_name(value)} {value!r}")
+    if isinstance(value, str) and not value.strip():
+        raise BadInput(f"{key} must not be empty")
+    if key == "engine_options":
+        return {k: _check_option(k, v) for k, v in value.items()}
+    if key == "dtype" and value not in DTYPES:
+        raise BadInput(f"dtype {value!r} is not one of {', '.join(DTYPES)}")
+    if key == "process_per" and value not in PROCESS_PER:
+        raise BadInput(f"process_per {value!r} is not one of {', '.join(PROCESS_PER)}")
+    if key in _POSITIVE and value <= 0:
+        raise BadInput(f"{key} must be greater than 0, got {value!r}")
+    if key in _NON_NEGATIVE and value < 0:
+        raise BadInput(f"{key} must be 0 or more, got {value!r}")
+    if key == "top_p" and not 0 < value <= 1:
+        raise BadInput(f"top_p must be in (0, 1], got {value!r}")
+    return float(value) if kinds == (int, float) else value
+
+
+def _check_option(name, value):
+    """An engine option must be a plain value; which values are allowed is its engine's Options class's call."""
+    if not isinstance(name, str) or not name:
+        raise BadInput(f"engine option name {name!r} must be a non-empty string")
+    if not isinstance(value, (str, int, float, bool)):
+        raise BadInput(f"engine option {name} must be a string, a number or true/false, got {type_name(value)} "
+                       f"{value!r}")
+    return value
+
+
+def _short(text: str, limit: int = 64) -> str:
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{text[:24]}-{digest}-{text[-24:]}"
 
 
 # -- metric facts: a metric's unit, direction, CPU exactness and format live on its Metrics field -----------------

@@ -43,7 +43,7 @@ def test_metrics_of_plain_decoding():
 def test_the_runner_times_the_garbage_collector_inside_a_call():
     import gc
 
-    from harness.runner import GcTimer
+    from harness.cell import GcTimer
     with GcTimer() as timer:
         junk = [[i] for i in range(200_000)]
         gc.collect()

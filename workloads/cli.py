@@ -133,7 +133,8 @@ def list_workloads_rows() -> list[dict]:
     for name, description in BUILTIN.items():
         s = workload_sizes(name)
         rows.append(dict(name=name, source="builtin", description=description,
-                         sizes=f"{s['texts']} texts, {s['chars'] / 1e3:.0f}K chars"))
+                         sizes=f"{s['texts']} texts, {s['chars'] / 1e3:.0f}K chars" if s["texts"] else
+                         "batch_size prompts of about prompt_len ids"))
     rows.append(dict(name="PATH.json|.jsonl|.parquet|.csv|.txt", source="file",
                      description="a local file loaded through datasets: one prompt per row of its 'text' column",
                      sizes="rows of the file"))
