@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engines.errors import BadInput, EngineUnavailable
+from engines.stats import GenerationStats
 
 from .env import environment
 from .results import clean_floats
@@ -228,7 +229,8 @@ def _measure_iterations(c: Cell) -> tuple[list, dict]:
             while len(gens) < cell.min_iterations or time.perf_counter() - t_begin < cell.min_duration_s:
                 gc_before = gc_timer.total_ms
                 gens.append(c.engine.generate(c.prompts, c.settings))
-                gens[-1].stats = dict(gens[-1].stats or {}, host_gc_ms=gc_timer.total_ms - gc_before)
+                gens[-1].stats = GenerationStats.of(gens[-1].stats)
+                gens[-1].stats.host_gc_ms = gc_timer.total_ms - gc_before
                 report(phase="measure", iteration=len(gens), tokens=sum(len(t) for g in gens for t in g.tokens))
         c.clock.lap("measure")
         return gens, _nvml_summary(c, tracker, sum(len(t) for g in gens for t in g.tokens))

@@ -16,8 +16,8 @@ import click
 from engines.errors import BadInput
 
 from . import matrix as matrix_mod
-from .results import DEFAULT_RESULTS_DIR, ResultNotSaved, RunDir, check_writable, comparison_table, invalid_notes, \
-    new_run_id, render_table, row, sort_cells, warn
+from .results import DEFAULT_RESULTS_DIR, ResultNotSaved, RunDir, check_writable, comparable_key, comparison_table, \
+    invalid_notes, new_run_id, render_table, row, sort_cells, warn
 from .schema import CellConfig
 
 
@@ -168,12 +168,11 @@ def _measure_run(m, rundir: RunDir, save_outputs: bool, retry_failed: bool, quie
 
 def compare_rows(results, first_engine: str, run_id: str) -> list[dict]:
     """One flat row per cell, plus each throughput/traffic metric's ratio to the first engine's same cell."""
-    base = {(r.config.model, r.config.hardware, r.config.workload, r.config.batch_size): r
-            for r in results if r.config.engine == first_engine and r.status == "ok"}
+    base = {comparable_key(r.config): r for r in results if r.config.engine == first_engine and r.status == "ok"}
     out = []
     for r in results:
         d = row(r, run_id)
-        b = base.get((r.config.model, r.config.hardware, r.config.workload, r.config.batch_size))
+        b = base.get(comparable_key(r.config))
         for k in ("tokens_per_s", "decode_tokens_per_s", "h2d_bytes_per_token"):
             v, bv = getattr(r.metrics, k), getattr(b.metrics, k) if b is not None else None
             d[f"{k}_ratio"] = v / bv if v is not None and bv else None
@@ -221,26 +220,8 @@ def parse_options(values: tuple[str, ...], engines: list[str]) -> dict[str, dict
             raise BadInput(f"--option {v!r}: write ENGINE.OPTION=VALUE, e.g. lru.capacity=50%")
         if engine not in engines:
             raise BadInput(f"--option {v!r}: engine {engine!r} is not among --engines {','.join(engines)}")
-        out.setdefault(engine, {})[name] = _coerce_option(engine, name, value)
+        out.setdefault(engine, {})[name] = value  # its engine's Options class coerces it (matrix.validate_cells)
     return out
-
-
-def _coerce_option(engine: str, name: str, value: str):
-    """A command-line option value takes the type of the option's default (int, float, bool), else stays text;
-    the engine validates it."""
-    from engines import registry
-    fields = {f.name: f for f in dataclasses.fields(registry.engine_class(engine).Options)}
-    kind = type(fields[name].default) if name in fields else str
-    try:
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                raise ValueError
-            return value.lower() in ("true", "1", "yes", "on")
-        if kind in (int, float):
-            return kind(value)
-    except ValueError:
-        raise BadInput(f"--option {engine}.{name}={value}: expected {'true or false' if kind is bool else kind.__name__}")
-    return value
 
 
 @cli.command()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,39 +220,28 @@ def default_matrix_path() -> Path:
     return MATRICES_DIR / ("gpu.toml" if torch.cuda.is_available() else "cpu.toml")
 
 
-def check_model_name(name: str) -> None:
-    """A model name must be a known preset/checkpoint name, a local directory or a hub id org/name."""
-    from workloads.models import did_you_mean, known_models
-    if name in known_models() or Path(name).expanduser().is_dir():
-        return
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return  # a hub id; whether it resolves is known only when the cell loads it
-    raise BadInput(f"unknown model {name!r}{did_you_mean(name, known_models())}; "
-                   f"allowed: {', '.join(known_models())}, a local checkpoint directory or a hub id org/name")
-
-
-def check_workload_name(name: str) -> None:
-    from workloads.prompts import check_workload
-    check_workload(name)
-
-
 def validate_cells(cells: list[CellConfig], source: str, check_hardware: bool = True) -> None:
-    """Every engine, engine option, model, hardware and workload must exist before anything is measured."""
+    """Every engine and its options, model (with its layers and dtype), hardware and workload must be valid before
+    anything is measured; engine options are replaced by the values their engine's Options class coerced them to,
+    so that a cell has one key however its options were spelled. Each distinct value is checked once."""
     from engines import registry
     from engines.hardware import HardwareProfile
+    from workloads.models import check_model
+    from workloads.prompts import check_workload
 
-    seen = set()
-    for c in cells:
-        for kind, value, check in (
-                ("engine", (c.engine, tuple(sorted(c.engine_options.items()))),
-                 lambda v: registry.create(v[0], **dict(v[1]))),
-                ("model", c.model, check_model_name),
-                ("hardware", c.hardware, lambda v: HardwareProfile.parse(v, check_available=check_hardware)),
-                ("workload", c.workload, check_workload_name)):
-            if (kind, value) in seen:
-                continue
-            seen.add((kind, value))
+    checked: dict = {}
+
+    def once(kind, value, check):
+        k = (kind, json.dumps(value, sort_keys=True, default=str))
+        if k not in checked:
             try:
-                check(value)
+                checked[k] = check(*value)
             except BadInput as exc:
                 raise BadInput(f"{source}: {exc}") from None
+        return checked[k]
+
+    for c in cells:
+        c.engine_options = once("engine", (c.engine, c.engine_options), registry.check_options)
+        once("model", (c.model, c.model_layers, c.dtype), check_model)
+        once("hardware", (c.hardware,), lambda v: HardwareProfile.parse(v, check_available=check_hardware))
+        once("workload", (c.workload,), check_workload)

@@ -15,8 +15,9 @@ from typing import Callable
 import click
 
 from engines.errors import BadInput
-from harness.results import DEFAULT_RESULTS_DIR, RunDir, check_writable_dir, warn
-from harness.schema import CellResult
+from engines.hardware import byte_unit
+from harness.results import DEFAULT_RESULTS_DIR, RunDir, check_writable_dir, series_name, varying_settings, warn
+from harness.schema import CellResult, format_value, metric_fact
 
 REFERENCE_ENGINE = "offload"  # speedups are over naive offload, as in the paper (MoE-OnDemand)
 ENGINE_ORDER = ["resident", "offload", "overlap", "caching", "lru", "nospec", "specmoe", "accelerate"]
@@ -42,18 +43,6 @@ class Block:
 # -- the cells of a run, grouped into panels (model x hardware) and series (engine with options) ---------------
 
 
-def series_of(r: CellResult) -> str:
-    """The engine with its options, spelled as in the cell key: lru[capacity=3]."""
-    opts = ",".join(f"{k}={v}" for k, v in sorted(r.config.engine_options.items()))
-    return r.config.engine + (f"[{opts}]" if opts else "")
-
-
-def _varying(cells: list[CellResult]) -> list[str]:
-    """Config fields besides engine, batch, model and hardware that differ across the run (they split panels)."""
-    names = ["workload", "dtype", "model_layers", "prompt_len", "max_new_tokens", "temperature", "seed"]
-    return [n for n in names if len({getattr(c.config, n) for c in cells}) > 1]
-
-
 def panel_of(r: CellResult, varying: list[str]) -> str:
     extra = ", ".join(f"{n}={getattr(r.config, n)}" for n in varying)
     return f"{r.config.model} on {r.config.hardware}" + (f" ({extra})" if extra else "")
@@ -69,13 +58,13 @@ Points = dict[str, dict[str, list[tuple[int, float, float | None]]]]  # panel ->
 
 def collect(cells: list[CellResult], value: Callable[[CellResult], float | None],
             err: Callable[[CellResult], float | None] = lambda r: None) -> Points:
-    varying = _varying(cells)
+    varying = varying_settings(cells)
     out: Points = {}
     for r in cells:
         v = value(r)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue
-        out.setdefault(panel_of(r, varying), {}).setdefault(series_of(r), []).append(
+        out.setdefault(panel_of(r, varying), {}).setdefault(series_name(r), []).append(
             (r.config.batch_size, float(v), err(r)))
     for series in out.values():
         for pts in series.values():
@@ -135,13 +124,6 @@ def _colors(names) -> dict[str, tuple]:
     cmap = matplotlib.colormaps["tab10"]
     ordered = sorted(set(names), key=_engine_rank)
     return {n: (cmap(i % 10), MARKERS[i % len(MARKERS)]) for i, n in enumerate(ordered)}
-
-
-def byte_unit(max_value: float) -> tuple[str, float]:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if max_value >= size:
-            return unit, size
-    return "B", 1
 
 
 def panel_figure(path: Path, rows: list[tuple[Points, str]], title: str, colors: dict[str, tuple],
@@ -231,29 +213,19 @@ def timeline_figure(path: Path, r: CellResult, tl: dict[str, list[float]]) -> bo
 # -- tables ----------------------------------------------------------------------------------------------------
 
 
-def fmt(v: float | None, how: str = "g") -> str:
-    if v is None:
-        return "-"
-    if how == "x":
-        return f"{v:.2f}x"
-    if how == "2f":
-        return f"{v:.2f}"
-    if how == "pct":
-        return f"{v:.1%}"
-    if how == "bytes":
-        unit, size = byte_unit(abs(v))
-        return f"{v / size:.2f} {unit}" if size > 1 else f"{v:.0f} B"
-    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+def fmt(v: float | None, metric: str) -> str:
+    """A value as the CLI prints it: the metric's own format (harness.schema), or "x" for a speedup."""
+    return format_value(v, "x" if metric == "x" else metric_fact(metric).format)
 
 
-def pivot(pts: Points, panel: str, how: str) -> tuple[list[str], list[list[str]]] | None:
+def pivot(pts: Points, panel: str, metric: str) -> tuple[list[str], list[list[str]]] | None:
     series = pts.get(panel)
     if not series:
         return None
     names = sorted(series, key=_engine_rank)
     batches = sorted({b for s in series.values() for b, _, _ in s})
     table = {(n, b): v for n in names for b, v, _ in series[n]}
-    return ["batch"] + names, [[str(b)] + [fmt(table.get((n, b)), how) for n in names] for b in batches]
+    return ["batch"] + names, [[str(b)] + [fmt(table.get((n, b)), metric) for n in names] for b in batches]
 
 
 # -- the report ------------------------------------------------------------------------------------------------
@@ -267,7 +239,7 @@ def build_report(run: Path, cells: list[CellResult], meta: dict, out: Path, nvml
     invalid = [r for r in ok if not r.valid]
     blocks.append(Block("p", f"{len(cells)} cells: {counts['ok']} ok ({len(invalid)} of them flagged invalid), "
                              f"{counts['failed']} failed, {counts['skipped']} skipped. Engines: "
-                             f"{', '.join(sorted({series_of(r) for r in cells}, key=_engine_rank))}. "
+                             f"{', '.join(sorted({series_name(r) for r in cells}, key=_engine_rank))}. "
                              f"Speedups are over `{REFERENCE_ENGINE}` at the same model, hardware and batch size."))
     env = next((r.environment for r in cells if r.environment), None) or meta.get("environment") or {}
     if env:
@@ -293,7 +265,7 @@ def build_report(run: Path, cells: list[CellResult], meta: dict, out: Path, nvml
     energy = collect(ok, lambda r: nvml_value(r, "joules_per_token"))
 
     # figures
-    colors = _colors(series_of(r) for r in ok)
+    colors = _colors(series_name(r) for r in ok)
     blocks.append(Block("h2", "Figures"))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -330,13 +302,16 @@ def build_report(run: Path, cells: list[CellResult], meta: dict, out: Path, nvml
         headline = summary_table(panel, tps, sp, bpt, tpstep, match)
         if headline:
             blocks.append(headline)
-        for title, pts, how in [("Output tokens/s", tps, "g"), (f"Speedup over {REFERENCE_ENGINE}", sp, "x"),
-                                ("Host-to-device bytes per output token", bpt, "bytes"),
-                                ("Expert hit rate", hit, "pct"), ("Tokens per step per sequence", tpstep, "2f"),
-                                ("Acceptance rate", acc, "pct"), ("TTFT (ms)", ttft, "g"),
-                                ("TPOT p50 (ms)", tpot, "g"), ("Exact match with `resident`", match, "pct"),
-                                ("Energy per output token (J)", energy, "g")]:
-            t = pivot(pts, panel, how)
+        for title, pts, metric in [("Output tokens/s", tps, "tokens_per_s"),
+                                   (f"Speedup over {REFERENCE_ENGINE}", sp, "x"),
+                                   ("Host-to-device bytes per output token", bpt, "h2d_bytes_per_token"),
+                                   ("Expert hit rate", hit, "expert_hit_rate"),
+                                   ("Tokens per step per sequence", tpstep, "tokens_per_step"),
+                                   ("Acceptance rate", acc, "acceptance_rate"), ("TTFT (ms)", ttft, "ttft_ms"),
+                                   ("TPOT p50 (ms)", tpot, "tpot_ms_p50"),
+                                   ("Exact match with `resident`", match, "exact_match_rate"),
+                                   ("Energy per output token (J)", energy, "nvml.joules_per_token")]:
+            t = pivot(pts, panel, metric)
             if t:
                 blocks.append(Block("table", title, header=t[0], rows=t[1]))
     return blocks + _problem_blocks(cells)
@@ -357,8 +332,9 @@ def summary_table(panel: str, tps: Points, sp: Points, bpt: Points, tpstep: Poin
     for name in sorted(series, key=_engine_rank):
         nbytes = at(bpt, name)
         vs_ref = None if nbytes is None or not ref_bytes else f"{nbytes / ref_bytes - 1:+.1%}"
-        rows.append([name, fmt(at(tps, name)), fmt(at(sp, name), "x") if name != REFERENCE_ENGINE else "1.00x",
-                     fmt(nbytes, "bytes"), vs_ref or "-", fmt(at(tpstep, name), "2f"), fmt(at(match, name), "pct")])
+        rows.append([name, fmt(at(tps, name), "tokens_per_s"),
+                     fmt(at(sp, name), "x") if name != REFERENCE_ENGINE else "1.00x", fmt(nbytes, "h2d_bytes_per_token"),
+                     vs_ref or "-", fmt(at(tpstep, name), "tokens_per_step"), fmt(at(match, name), "exact_match_rate")])
     return Block("table", f"At batch size {batch}", rows=rows,
                  header=["engine", "tokens/s", f"speedup over {REFERENCE_ENGINE}", "H2D bytes/token",
                          f"bytes vs {REFERENCE_ENGINE}", "tokens/step", "exact match"])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from engines.errors import BadInput
 
-from .schema import METRIC_FIELDS, CellConfig, CellResult
+from .schema import METRIC_FIELDS, CellConfig, CellResult, metric_fact
 
 DEFAULT_RESULTS_DIR = Path("results/runs")
 FINISHED = ("ok", "skipped", "failed")
@@ -322,25 +322,10 @@ def check_writable_dir(path: str | Path) -> None:
 
 # -- rendering: the one text table renderer ----------------------------------------------------------------------
 
-# Metrics shown side by side per engine, with how to print each and whether larger is better.
-COMPARE_METRICS = [
-    ("tokens_per_s", "{:.1f}"), ("decode_tokens_per_s", "{:.1f}"), ("ttft_ms", "{:.1f}"),
-    ("tpot_ms_p50", "{:.2f}"), ("tpot_ms_p99", "{:.2f}"), ("h2d_bytes_per_token", "bytes"),
-    ("h2d_gb_per_s", "{:.1f}"), ("expert_hit_rate", "{:.3f}"), ("tokens_per_step", "{:.2f}"),
-    ("acceptance_rate", "{:.3f}"),
-    ("equivalent", "bool"),
-]
-
-
-def fmt(value, how: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if how == "bool":
-        return "yes" if value else "no"
-    if how == "bytes":
-        from engines.hardware import format_bytes
-        return format_bytes(value)
-    return how.format(value)
+# Metrics shown side by side per engine; each prints per its facts (harness.schema.METRIC_FACTS).
+COMPARE_METRICS = ["tokens_per_s", "decode_tokens_per_s", "ttft_ms", "tpot_ms_p50", "tpot_ms_p99",
+                   "h2d_bytes_per_token", "h2d_gb_per_s", "expert_hit_rate", "tokens_per_step", "acceptance_rate",
+                   "equivalent"]
 
 
 def render_table(header: list[str], rows: list[list[str]]) -> str:
@@ -352,46 +337,73 @@ def render_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _numeric(text) -> bool:
-    return bool(re.fullmatch(r"-?[0-9][0-9.]*(e[+-]?[0-9]+)?( (B|KiB|MiB|GiB))?( \([0-9.]+x\))?", str(text)))
+    return bool(re.fullmatch(r"-?[0-9][0-9.,]*(e[+-]?[0-9]+)?(%| (B|KiB|MiB|GiB|TiB))?( \([0-9.]+x\))?", str(text)))
 
 
 def comparison_table(results: list[CellResult], engines: list[str] | None = None) -> str:
     """Engines side by side, one row per (model, hardware, workload, batch size, metric); each engine's value
-    followed by its ratio to the first engine (for every metric except booleans)."""
+    followed by its ratio to the first engine (for every metric except booleans). Cells are grouped as `report`
+    groups them: an engine with its options is one column, and cells that differ in any other setting (dtype,
+    layers, lengths, ...) are rows of their own, so no cell overwrites another."""
     if not results:
         return "(no cells)"
-    if engines is None:
-        engines = list(dict.fromkeys(r.config.engine for r in results))
+    columns = list(dict.fromkeys(series_name(r) for r in results))
+    if engines is not None:  # the order asked for, by engine; an engine's option variants stay together
+        columns = sorted(columns, key=lambda s: (engines.index(s.split("[")[0]) if s.split("[")[0] in engines
+                                                 else len(engines), columns.index(s)))
+    varying = [n for n in varying_settings(results) if n != "workload"]  # the workload is in the label
     groups: dict[tuple, dict[str, CellResult]] = {}
     for r in results:
-        c = r.config
-        groups.setdefault((c.model, c.hardware, c.workload, c.batch_size), {})[c.engine] = r
-    header = ["model", "hardware", "batch", "metric"] + [e if i == 0 else f"{e} (x {engines[0]})"
-                                                         for i, e in enumerate(engines)]
+        groups.setdefault(comparable_key(r.config), {})[series_name(r)] = r
+    header = ["model", "hardware", "batch", "metric"] + [e if i == 0 else f"{e} (x {columns[0]})"
+                                                         for i, e in enumerate(columns)]
     rows = []
-    for (model, hw, workload, batch), by_engine in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
-                                                                                          kv[0][2], kv[0][3])):
-        base = by_engine.get(engines[0])
-        notes = {e: _status_note(r) for e, r in by_engine.items()}
-        for i, (metric, how) in enumerate(COMPARE_METRICS):
-            cells = []
-            for j, e in enumerate(engines):
-                r = by_engine.get(e)
-                if r is None:
-                    cells.append("")
-                    continue
-                if notes[e]:
-                    cells.append(notes[e] if i == 0 else "")
-                    continue
-                v = getattr(r.metrics, metric)
-                text = fmt(v, how)
-                b = getattr(base.metrics, metric) if base is not None and base.status == "ok" else None
-                if j > 0 and how != "bool" and v is not None and b:
-                    text += f" ({v / b:.2f}x)"
-                cells.append(text)
-            label = model if workload == "synthetic-ids" else f"{model} [{workload}]"
+    for key, by_series in sorted(groups.items(), key=lambda kv: [str(x) if not isinstance(x, int) else
+                                                                  f"{x:012d}" for x in kv[0]]):
+        c = next(iter(by_series.values())).config
+        label = c.model if c.workload == "synthetic-ids" else f"{c.model} [{c.workload}]"
+        label += "".join(f" {n}={getattr(c, n)}" for n in varying)
+        hw, batch = c.hardware, c.batch_size
+        for i, metric in enumerate(COMPARE_METRICS):
+            cells = [_compare_cell(by_series, s, columns[0], metric, first_row=i == 0) for s in columns]
             rows.append([label if i == 0 else "", hw if i == 0 else "", str(batch) if i == 0 else "", metric] + cells)
     return render_table(header, rows)
+
+
+def _compare_cell(by_series: dict[str, CellResult], series: str, first: str, metric: str, first_row: bool) -> str:
+    r = by_series.get(series)
+    if r is None:
+        return ""
+    if r.status != "ok":
+        return _status_note(r) if first_row else ""
+    fact = metric_fact(metric)
+    v = getattr(r.metrics, metric)
+    text = fact.text(v)
+    base = by_series.get(first)
+    b = getattr(base.metrics, metric) if base is not None and base.status == "ok" else None
+    if series != first and fact.format != "bool" and v is not None and b:
+        text += f" ({v / b:.2f}x)"
+    return text
+
+
+def comparable_key(c: CellConfig) -> tuple:
+    """What two cells of different engines must share to be compared side by side: every setting but the
+    engine and its options (batch size last, so that sorting by it orders the batch sizes)."""
+    return (c.model, c.hardware, c.workload, c.dtype, c.model_layers or 0, c.prompt_len, c.max_new_tokens,
+            c.temperature, c.top_p, c.seed, c.batch_size)
+
+
+def series_name(r: CellResult) -> str:
+    """The engine with its options, spelled as in the cell key: lru[capacity=3]."""
+    opts = ",".join(f"{k}={v}" for k, v in sorted(r.config.engine_options.items()))
+    return r.config.engine + (f"[{opts}]" if opts else "")
+
+
+def varying_settings(results: list[CellResult]) -> list[str]:
+    """Config fields besides engine, options, batch, model and hardware that differ across the cells: they split
+    what is compared (a table's rows, a report's panels)."""
+    names = ["workload", "dtype", "model_layers", "prompt_len", "max_new_tokens", "temperature", "seed"]
+    return [n for n in names if len({getattr(r.config, n) for r in results}) > 1]
 
 
 def _status_note(r: CellResult) -> str:
