@@ -80,7 +80,7 @@ def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_ou
         if "cells" not in meta:
             raise BadInput(f"run {rundir.path}: run.json lists no cells, so it cannot be resumed; "
                            "run its matrix again with --run-id " + rundir.id)
-        cells = [CellConfig(**c) for c in meta["cells"]]
+        cells = stored_cells(meta, rundir.path / "run.json")
         matrix_mod.validate_cells(cells, str(rundir.path / "run.json"))
         m = matrix_mod.Matrix(cells=cells, source=meta.get("source", str(rundir.path)), text=meta.get("matrix", ""))
         results_dir, run_id = rundir.path.parent, rundir.id
@@ -110,6 +110,14 @@ def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_ou
 
 class RunInterrupted(Exception):
     """Ctrl-C during a run: the finished cells are saved; the message says how to resume."""
+
+
+def stored_cells(meta: dict, where: Path) -> list[CellConfig]:
+    """The cells a run.json planned; BadInput naming the file when one is not a cell of this schema."""
+    try:
+        return [CellConfig(**c) for c in meta.get("cells", [])]
+    except (TypeError, BadInput) as exc:
+        raise BadInput(f"{where}: a planned cell is not a cell of this schema ({exc})") from None
 
 
 def _execute(m, results_dir: Path, run_id: str, save_outputs: bool, retry_failed: bool, quiet: bool,
@@ -150,7 +158,7 @@ def _measure_run(m, rundir: RunDir, save_outputs: bool, retry_failed: bool, quie
     old = rundir.read_meta()  # a corrupt run.json stops here: rewriting it would lose the cells it planned
     prepare_models(m.cells, progress=not quiet, echo=lambda text: click.echo(text, err=True))
     planned = old.get("cells", [])
-    keys = {CellConfig(**c).key() for c in planned}
+    keys = {c.key() for c in stored_cells(old, rundir.path / "run.json")}
     planned += [dataclasses.asdict(c) for c in m.cells if c.key() not in keys]
     meta = dict(run_id=rundir.id, source=m.source, matrix=m.text, command=sys.argv,
                 created_at=old.get("created_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
