@@ -134,47 +134,64 @@ def parse(text: str, source: str, check_hardware: bool = True, check_names: bool
     for key in data:
         if key not in allowed_top:
             raise BadInput(f"{source}: unknown top-level key {key!r}; allowed: {', '.join(sorted(allowed_top))}")
-    m = data.get("matrix")
-    if not isinstance(m, dict):
-        raise BadInput(f"{source}: missing [matrix] table with engines, models, batch_sizes, hardware")
-    axes = {}
-    for key in m:
-        if key not in AXES:
-            raise BadInput(f"{source}: [matrix] unknown key {key!r}; allowed: {', '.join(AXES)}")
-    for key in AXES:
-        if key not in m:
-            if key == "workloads":
-                axes[key] = [DEFAULT_WORKLOAD]
-                continue
-            raise BadInput(f"{source}: [matrix] missing key {key!r}")
-        axes[key] = _check_axis(f"{source}: [matrix]", key, m[key])
-
-    settings = _table(source, data, "settings")
-    settings = {k: check_setting(f"{source}: [settings]", k, v) for k, v in settings.items()}
-    model_settings = {}
+    axes = _axes(source, data.get("matrix"))
+    settings = {k: check_setting(f"{source}: [settings]", k, v) for k, v in _table(source, data, "settings").items()}
+    model_settings, engine_options = {}, {}
     for name, table in _table(source, data, "models").items():
         if not isinstance(table, dict):
             raise BadInput(f"{source}: [models] {name!r} must be a table of settings")
         model_settings[name] = {k: check_setting(f"{source}: [models.{name!r}]", k, v) for k, v in table.items()}
-    engine_options = {}
     for name, table in _table(source, data, "engines").items():
         if not isinstance(table, dict):
             raise BadInput(f"{source}: [engines] {name!r} must be a table of that engine's options")
         engine_options[name] = table
 
+    def make(engine, model, batch_size, hardware, workload):
+        kw = dict(settings)
+        kw.update(model_settings.get(model, {}))
+        try:
+            return CellConfig(engine=engine, model=model, batch_size=batch_size, hardware=hardware,
+                              workload=workload, engine_options=dict(engine_options.get(engine, {})), **kw)
+        except BadInput as exc:
+            raise BadInput(f"{source}: [engines.{engine}]: {exc}") from None
+
+    cells = _expand(source, data, axes, make)
+    for name in model_settings:
+        if all(c.model != name for c in cells):
+            raise BadInput(f"{source}: [models.{name!r}] names a model that no cell uses")
+    for name in engine_options:
+        if all(c.engine != name for c in cells):
+            raise BadInput(f"{source}: [engines.{name}] names an engine that no cell uses")
+    if check_names:
+        validate_cells(cells, source, check_hardware=check_hardware)
+    return Matrix(cells=cells, source=source, text=text)
+
+
+def _axes(source: str, m) -> dict[str, list]:
+    if not isinstance(m, dict):
+        raise BadInput(f"{source}: missing [matrix] table with engines, models, batch_sizes, hardware")
+    for key in m:
+        if key not in AXES:
+            raise BadInput(f"{source}: [matrix] unknown key {key!r}; allowed: {', '.join(AXES)}")
+    axes = {}
+    for key in AXES:
+        if key in m:
+            axes[key] = _check_axis(f"{source}: [matrix]", key, m[key])
+        elif key == "workloads":
+            axes[key] = [DEFAULT_WORKLOAD]
+        else:
+            raise BadInput(f"{source}: [matrix] missing key {key!r}")
+    return axes
+
+
+def _expand(source: str, data: dict, axes: dict[str, list], make) -> list[CellConfig]:
+    """The product of the axes, less the [[exclude]] rules, plus the [[include]] cells."""
     rules = {}
     for kind in ("include", "exclude"):
         value = data.get(kind, [])
         if not isinstance(value, list):
             raise BadInput(f"{source}: {kind} must be an array of tables: write [[{kind}]]")
         rules[kind] = [_rule(f"{source}: [[{kind}]] #{i + 1}", r, kind == "include") for i, r in enumerate(value)]
-
-    def make(engine, model, batch_size, hardware, workload):
-        kw = dict(settings)
-        kw.update(model_settings.get(model, {}))
-        return CellConfig(engine=engine, model=model, batch_size=batch_size, hardware=hardware, workload=workload,
-                          engine_options=dict(engine_options.get(engine, {})), **kw)
-
     cells = [make(*combo) for combo in itertools.product(*(axes[k] for k in AXES))]
     cells = [c for c in cells if not any(_matches(c, r) for r in rules["exclude"])]
     for rule in rules["include"]:
@@ -185,15 +202,7 @@ def parse(text: str, source: str, check_hardware: bool = True, check_names: bool
                 cells.append(cell)
     if not cells:
         raise BadInput(f"{source}: the exclude rules remove every cell")
-    for name in model_settings:
-        if all(c.model != name for c in cells):
-            raise BadInput(f"{source}: [models.{name!r}] names a model that no cell uses")
-    for name in engine_options:
-        if all(c.engine != name for c in cells):
-            raise BadInput(f"{source}: [engines.{name}] names an engine that no cell uses")
-    if check_names:
-        validate_cells(cells, source, check_hardware=check_hardware)
-    return Matrix(cells=cells, source=source, text=text)
+    return cells
 
 
 def _table(source: str, data: dict, key: str) -> dict:

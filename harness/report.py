@@ -17,7 +17,7 @@ import click
 from engines.errors import BadInput
 from engines.hardware import byte_unit
 from harness.results import DEFAULT_RESULTS_DIR, RunDir, check_writable_dir, series_name, varying_settings, warn
-from harness.schema import CellResult, format_value, metric_fact
+from harness.schema import CellResult, format_value, metric_fact, metric_value
 
 REFERENCE_ENGINE = "offload"  # speedups are over naive offload, as in the paper (MoE-OnDemand)
 ENGINE_ORDER = ["resident", "offload", "overlap", "caching", "lru", "nospec", "specmoe", "accelerate"]
@@ -90,11 +90,6 @@ def speedups(cells: list[CellResult]) -> Points:
             if sp:
                 out.setdefault(panel, {})[name] = sp
     return out
-
-
-def nvml_value(r: CellResult, key: str) -> float | None:
-    v = (r.metrics.nvml or {}).get(key)
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def nvml_timeline(r: CellResult) -> dict[str, list[float]] | None:
@@ -231,10 +226,43 @@ def pivot(pts: Points, panel: str, metric: str) -> tuple[list[str], list[list[st
 # -- the report ------------------------------------------------------------------------------------------------
 
 
+TABLES = [("Output tokens/s", "tokens_per_s"), (f"Speedup over {REFERENCE_ENGINE}", "x"),
+          ("Host-to-device bytes per output token", "h2d_bytes_per_token"), ("Expert hit rate", "expert_hit_rate"),
+          ("Tokens per step per sequence", "tokens_per_step"), ("Acceptance rate", "acceptance_rate"),
+          ("TTFT (ms)", "ttft_ms"), ("TPOT p50 (ms)", "tpot_ms_p50"),
+          ("Exact match with `resident`", "exact_match_rate"),
+          ("Energy per output token (J)", "nvml.joules_per_token")]  # (title, metric; "x": speedup)
+SPECULATION = ("tokens_per_step", "acceptance_rate")  # drawn and tabulated for the engines that draft only
+
+
 def build_report(run: Path, cells: list[CellResult], meta: dict, out: Path, nvml_cell: str | None = None) -> list[Block]:
     ok = [r for r in cells if r.status == "ok"]
-    run_id = meta.get("run_id") or run.name
-    blocks = [Block("h1", f"specmoe-bench report: {run_id}")]
+    blocks = _intro_blocks(run, cells, meta)
+    if not ok:
+        blocks.append(Block("note", "no cell finished ok: nothing to tabulate or draw"))
+        return blocks + _problem_blocks(cells)
+    spec_cells = [r for r in ok if r.metrics.acceptance_rate is not None or r.metrics.drafted_tokens]
+    pts = {metric: collect(spec_cells if metric in SPECULATION else ok, lambda r, m=metric: metric_value(r, m))
+           for _, metric in TABLES if metric != "x"}
+    pts["tokens_per_s"] = collect(ok, lambda r: r.metrics.tokens_per_s, lambda r: sample_sd(r, "tokens_per_s"))
+    pts["x"] = speedups(ok)
+    blocks += _figure_blocks(ok, pts, out, nvml_cell)
+    blocks.append(Block("h2", "Tables"))  # one group per panel
+    for panel in sorted(pts["tokens_per_s"].keys() | pts["h2d_bytes_per_token"].keys()):
+        blocks.append(Block("h3", panel))
+        headline = summary_table(panel, pts)
+        if headline:
+            blocks.append(headline)
+        for title, metric in TABLES:
+            t = pivot(pts[metric], panel, metric)
+            if t:
+                blocks.append(Block("table", title, header=t[0], rows=t[1]))
+    return blocks + _problem_blocks(cells)
+
+
+def _intro_blocks(run: Path, cells: list[CellResult], meta: dict) -> list[Block]:
+    ok = [r for r in cells if r.status == "ok"]
+    blocks = [Block("h1", f"specmoe-bench report: {meta.get('run_id') or run.name}")]
     counts = {s: sum(r.status == s for r in cells) for s in ("ok", "failed", "skipped")}
     invalid = [r for r in ok if not r.valid]
     blocks.append(Block("p", f"{len(cells)} cells: {counts['ok']} ok ({len(invalid)} of them flagged invalid), "
@@ -248,77 +276,42 @@ def build_report(run: Path, cells: list[CellResult], meta: dict, out: Path, nvml
     if any(r.config.hardware == "cpu" for r in ok):
         blocks.append(Block("note", "hardware `cpu` is functional: bytes, hit rates, tokens per step and acceptance "
                                     "are real; times are CPU times, not GPU times."))
-    if not ok:
-        blocks.append(Block("note", "no cell finished ok: nothing to tabulate or draw"))
-        return blocks + _problem_blocks(cells)
+    return blocks
 
-    tps = collect(ok, lambda r: r.metrics.tokens_per_s, lambda r: sample_sd(r, "tokens_per_s"))
-    sp = speedups(ok)
-    bpt = collect(ok, lambda r: r.metrics.h2d_bytes_per_token)
-    hit = collect(ok, lambda r: r.metrics.expert_hit_rate)
-    spec_cells = [r for r in ok if r.metrics.acceptance_rate is not None or r.metrics.drafted_tokens]
-    tpstep = collect(spec_cells, lambda r: r.metrics.tokens_per_step)
-    acc = collect(spec_cells, lambda r: r.metrics.acceptance_rate)
-    ttft = collect(ok, lambda r: r.metrics.ttft_ms)
-    tpot = collect(ok, lambda r: r.metrics.tpot_ms_p50)
-    match = collect(ok, lambda r: r.metrics.exact_match_rate)
-    energy = collect(ok, lambda r: nvml_value(r, "joules_per_token"))
 
-    # figures
+def _figure_blocks(ok: list[CellResult], pts: dict[str, Points], out: Path, nvml_cell: str | None) -> list[Block]:
     colors = _colors(series_name(r) for r in ok)
-    blocks.append(Block("h2", "Figures"))
+    blocks = [Block("h2", "Figures")]
     out.mkdir(parents=True, exist_ok=True)
 
-    def figure(name: str, caption: str, drawn: bool, absent: str) -> None:
+    def figure(name: str, caption: str, rows: list, title: str, absent: str, hline: float | None = None) -> None:
+        drawn = panel_figure(out / name, rows, title, colors, hline=hline)
         blocks.append(Block("figure", caption, path=out / name) if drawn else Block("note", absent))
 
     figure("throughput.png", "Output tokens/s (end to end, prefill included) vs batch size; bars: sd over iterations",
-           panel_figure(out / "throughput.png", [(tps, "output tokens/s")], "Throughput", colors),
-           "no tokens/s measured in this run")
+           [(pts["tokens_per_s"], "output tokens/s")], "Throughput", "no tokens/s measured in this run")
     figure("speedup.png", f"Speedup in tokens/s over `{REFERENCE_ENGINE}`",
-           panel_figure(out / "speedup.png", [(sp, f"speedup over {REFERENCE_ENGINE} (x)")],
-                        f"Speedup over {REFERENCE_ENGINE}", colors, hline=1.0),
-           f"no `{REFERENCE_ENGINE}` cells to compare against: speedup not drawn")
-    vmax = max((v for ser in bpt.values() for pts in ser.values() for _, v, _ in pts), default=0)
-    unit, size = byte_unit(vmax)
+           [(pts["x"], f"speedup over {REFERENCE_ENGINE} (x)")], f"Speedup over {REFERENCE_ENGINE}",
+           f"no `{REFERENCE_ENGINE}` cells to compare against: speedup not drawn", hline=1.0)
+    bpt = pts["h2d_bytes_per_token"]
+    unit, size = byte_unit(max((v for ser in bpt.values() for p in ser.values() for _, v, _ in p), default=0))
     figure("h2d_bytes_per_token.png", "Host-to-device expert bytes per output token (counted by the engine)",
-           panel_figure(out / "h2d_bytes_per_token.png", [(scale_points(bpt, size), f"H2D {unit} per output token")],
-                        "Host-to-device traffic per token", colors),
+           [(scale_points(bpt, size), f"H2D {unit} per output token")], "Host-to-device traffic per token",
            "no host-to-device byte counts in this run")
     figure("speculation.png", "Tokens per step per sequence (bonus token included) and draft acceptance rate",
-           panel_figure(out / "speculation.png", [(tpstep, "tokens per step per sequence"),
-                                                  (scale_points(acc, 0.01), "acceptance rate (%)")],
-                        "Speculation", colors),
+           [(pts["tokens_per_step"], "tokens per step per sequence"),
+            (scale_points(pts["acceptance_rate"], 0.01), "acceptance rate (%)")], "Speculation",
            "no speculative engine in this run (no drafted tokens): tokens per step and acceptance not drawn")
     figure("energy_per_token.png", "Energy per output token (NVML energy counter)",
-           panel_figure(out / "energy_per_token.png", [(energy, "energy per output token (J)")], "Energy per token", colors),
+           [(pts["nvml.joules_per_token"], "energy per output token (J)")], "Energy per token",
            f"{no_nvml(ok)}: energy per token not drawn")
-    blocks += _timeline_blocks(ok, out, nvml_cell)
-
-    # tables, one group per panel
-    blocks.append(Block("h2", "Tables"))
-    for panel in sorted(tps.keys() | bpt.keys()):
-        blocks.append(Block("h3", panel))
-        headline = summary_table(panel, tps, sp, bpt, tpstep, match)
-        if headline:
-            blocks.append(headline)
-        for title, pts, metric in [("Output tokens/s", tps, "tokens_per_s"),
-                                   (f"Speedup over {REFERENCE_ENGINE}", sp, "x"),
-                                   ("Host-to-device bytes per output token", bpt, "h2d_bytes_per_token"),
-                                   ("Expert hit rate", hit, "expert_hit_rate"),
-                                   ("Tokens per step per sequence", tpstep, "tokens_per_step"),
-                                   ("Acceptance rate", acc, "acceptance_rate"), ("TTFT (ms)", ttft, "ttft_ms"),
-                                   ("TPOT p50 (ms)", tpot, "tpot_ms_p50"),
-                                   ("Exact match with `resident`", match, "exact_match_rate"),
-                                   ("Energy per output token (J)", energy, "nvml.joules_per_token")]:
-            t = pivot(pts, panel, metric)
-            if t:
-                blocks.append(Block("table", title, header=t[0], rows=t[1]))
-    return blocks + _problem_blocks(cells)
+    return blocks + _timeline_blocks(ok, out, nvml_cell)
 
 
-def summary_table(panel: str, tps: Points, sp: Points, bpt: Points, tpstep: Points, match: Points) -> Block | None:
+def summary_table(panel: str, pts: dict[str, Points]) -> Block | None:
     """Every engine at the panel's largest batch size: the headline numbers side by side."""
+    tps, sp, bpt, tpstep, match = (pts[m] for m in ("tokens_per_s", "x", "h2d_bytes_per_token", "tokens_per_step",
+                                                     "exact_match_rate"))
     series = tps.get(panel, {})
     if not series:
         return None
@@ -353,7 +346,7 @@ def _timeline_blocks(ok: list[CellResult], out: Path, nvml_cell: str | None) -> 
     elif with_tl:
         # default: the largest batch of the full system, else of any engine
         cell = max(with_tl, key=lambda r: (r.config.engine == "specmoe", r.config.batch_size))
-    elif any(nvml_value(r, "samples") for r in ok):
+    elif any(metric_value(r, "nvml.samples") for r in ok):
         return [Block("note", "NVML bandwidth over time: this run kept NVML summaries only, no readings over time "
                               "(the tracker's keep_trace was off), so nothing is drawn")]
     else:
