@@ -29,6 +29,7 @@ from .schema import CellConfig, CellResult
 
 # The cell process's command line (its jobs pipe is added); tests put a stand-in here to exercise the parent alone.
 CELL_COMMAND = [sys.executable, "-m", "harness.cell"]
+RETRY_DELAY_S = 1.0  # before the one retry of a result file that could not be written
 
 
 def _child_env() -> dict:
@@ -257,7 +258,7 @@ def save_result(run: RunDir, result: CellResult) -> None:
         run.write_cell(result)
         return
     except OSError:
-        time.sleep(1.0)  # a disk that was briefly full (a log rotated, a cache cleaned) gets one more chance
+        time.sleep(RETRY_DELAY_S)  # a disk briefly full (a log rotated, a cache cleaned) gets one more chance
     try:
         run.write_cell(result)
         return

@@ -63,20 +63,22 @@ def run_args(tmp_path, *extra):
 
 
 def test_a_second_run_on_a_run_directory_in_use_refuses_at_once(tmp_path, capsys, stand_in):
+    lock = tmp_path / "runs" / "r" / "run.lock"
+    lock.parent.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-        from harness.results import RunDir
-        with RunDir.create({str(tmp_path / "runs")!r}, "r").lock():
-            print("locked", flush=True)
-            time.sleep(60)
+        import fcntl, os, time
+        fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a live run holds (RunDir.lock)
+        os.write(fd, str(os.getpid()).encode())
+        print("locked", flush=True)
+        time.sleep(60)
         """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, _, err = run_main(run_args(tmp_path), capsys)
         assert code == 2 and err.count("\n") == 1
         assert f"run r in {tmp_path / 'runs' / 'r'} is in use by process {holder.pid}" in err
-        assert not list((tmp_path / "runs" / "r" / "cells").iterdir())  # nothing measured, nothing overwritten
+        assert not list((tmp_path / "runs" / "r").glob("cells/*.json"))  # nothing measured, nothing overwritten
     finally:
         holder.kill()
         holder.wait()
@@ -94,14 +96,15 @@ def test_cell_processes_get_stdin_from_dev_null(tmp_path, capsys, stand_in):
 
 
 def test_a_full_disk_loses_no_measured_result(tmp_path, capsys, stand_in, monkeypatch):
-    monkeypatch.setattr(runner.tempfile, "gettempdir", lambda: str(tmp_path / "fallback"))
+    import tempfile
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "fallback"))
     (tmp_path / "fallback").mkdir()
 
     def full(self, result):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(RunDir, "write_cell", full)
-    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    monkeypatch.setattr(runner, "RETRY_DELAY_S", 0.0, raising=False)
     code, _, err = run_main(run_args(tmp_path), capsys)
     assert code == 1 and "Traceback" not in err
     (line,) = [ln for ln in err.splitlines() if ln.startswith("error: ")]
