@@ -195,11 +195,14 @@ def reference_outputs(cell: CellConfig, hw, prompts, settings, cache_dir: Path |
         tokens, logits = reference(engine, prompts, settings)
     finally:
         engine.close()
-    if path is not None:
-        with contextlib.suppress(OSError):  # a cache that cannot be written costs the next cell a recompute
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if path is not None:  # a cache that cannot be written (a full disk) costs the next cell a recompute
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
             torch.save({"tokens": tokens, "logits": logits}, tmp)
             os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return tokens, logits
 
 
