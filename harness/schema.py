@@ -268,9 +268,15 @@ def _nvml_fact(key: str) -> MetricFact:
 
 def _facts() -> dict[str, MetricFact]:
     from .nvml import NvmlSummary
-    out = {f.name: MetricFact(f.name, f.metadata["unit"], f.metadata["better"], f.metadata["cpu_exact"],
-                              f.metadata["format"], f.metadata["compared"], f.metadata["help"])
-           for f in dataclasses.fields(Metrics) if f.name != "nvml"}
+    out = {}
+    for f in dataclasses.fields(Metrics):
+        if f.name == "nvml":
+            continue
+        if "unit" not in f.metadata:
+            raise TypeError(f"Metrics.{f.name} carries no metric facts: declare it with _metric(unit, better, "
+                            "format, ...)")
+        m = f.metadata
+        out[f.name] = MetricFact(f.name, m["unit"], m["better"], m["cpu_exact"], m["format"], m["compared"], m["help"])
     numeric = {"float", "int", "None"}
     for key, hint in NvmlSummary.__annotations__.items():
         text = getattr(hint, "__forward_arg__", hint)  # a TypedDict keeps postponed annotations as ForwardRefs
