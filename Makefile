@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch>=2.4,<2.14
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test bench bench-cpu bench-gpu bench-micro clean help
+.PHONY: setup test bench bench-micro clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'

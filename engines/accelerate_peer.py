@@ -38,7 +38,7 @@ class AccelerateEngine(Engine):
                                             layer_bytes(model.model) - experts, experts)
             max_memory = {int(hardware.device.split(":")[1]): non_expert + budget, "cpu": 2 ** 40}
         self.model = AutoModelForCausalLM.from_pretrained(self._tmp.name, dtype=dtype, device_map="auto",
-                                                          max_memory=max_memory).eval()
+                                                          max_memory=max_memory, trust_remote_code=False).eval()
         self.device = torch.device(hardware.device)
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> Generation:

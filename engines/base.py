@@ -19,6 +19,45 @@ class NoOptions:
     """This engine takes no options."""
 
 
+_FLAGS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def make_options(engine: str, cls: type, given: dict):
+    """The engine's options object: unknown names refused, each value coerced to its field's type (text from a
+    command line, or a matrix value of another plain type) or refused with one line naming it, then the class's
+    own __post_init__ checks the values. The one place engine options are checked, before any cell starts."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        allowed = ", ".join(sorted(fields)) or "none"
+        raise BadInput(f"engine {engine!r} has no option {unknown[0]!r}; its options: {allowed}")
+    return cls(**{name: _coerce(engine, name, fields[name], value) for name, value in given.items()})
+
+
+def _coerce(engine: str, name: str, f: dataclasses.Field, value):
+    kind = type(f.default) if f.default is not dataclasses.MISSING and f.default is not None else \
+        {"int": int, "float": float, "bool": bool}.get(str(f.type), str)
+    bad = BadInput(f"engine {engine!r} option {name}={value!r}: expected "
+                   f"{'true or false' if kind is bool else 'a whole number' if kind is int else 'a number' if kind is float else 'a string or a number'}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _FLAGS:
+            return _FLAGS[value.strip().lower()]
+        raise bad
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise bad
+    if kind is str:
+        return str(value)
+    try:
+        number = kind(value)
+    except ValueError:
+        raise bad from None
+    if kind is int and isinstance(value, float) and value != number:
+        raise bad
+    return number
+
+
 class Engine:
     """Base class of every engine. Subclasses set `name`, `summary` and, if they take options, `Options`
     (a dataclass whose fields carry defaults, `metadata={"help": ...}`, and validation in __post_init__)."""
@@ -28,12 +67,7 @@ class Engine:
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, **options):
-        fields = {f.name for f in dataclasses.fields(self.Options)}
-        unknown = sorted(set(options) - fields)
-        if unknown:
-            allowed = ", ".join(sorted(fields)) or "none"
-            raise BadInput(f"engine {self.name!r} has no option {unknown[0]!r}; its options: {allowed}")
-        self.options = self.Options(**options)
+        self.options = make_options(self.name, self.Options, options)
 
     @classmethod
     def option_help(cls) -> dict[str, str]:

@@ -178,6 +178,9 @@ class LRUOptions:
         "help": "cache size: a number of experts (64), a share of all experts (25%) or bytes (2GiB); "
                 "under a hardware expert budget the budget caps it"})
 
+    def __post_init__(self):
+        check_capacity(self.capacity)
+
 
 class LRUPolicy(ExpertPolicy):
     def __init__(self, capacity: int):
@@ -196,6 +199,23 @@ class LRUPolicy(ExpertPolicy):
     def after_layer(self, layer, experts):
         while len(self.order) > self.capacity:
             self.store.drop(*self.order.popitem(last=False)[0])
+
+
+def check_capacity(text: str) -> None:
+    """The form of a capacity, before any model is loaded: whole experts >= 1, a share in (0, 100]%, or a size."""
+    text = str(text).strip()
+    if re.fullmatch(r"\d+", text):
+        if int(text) < 1:
+            raise BadInput(f"lru capacity {text!r}: give at least 1 expert")
+    elif text.endswith("%"):
+        if not re.fullmatch(r"\d+(\.\d+)?%", text) or not 0 < float(text[:-1]) <= 100:
+            raise BadInput(f"lru capacity {text!r}: a share of the experts must be in (0%, 100%]")
+    else:
+        try:
+            parse_size(text)
+        except BadInput:
+            raise BadInput(f"lru capacity {text!r}: give a number of experts (64), a share (25%) or a size "
+                           "(2GiB)") from None
 
 
 def parse_capacity(text: str, store: ExpertStore) -> int:

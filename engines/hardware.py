@@ -34,13 +34,20 @@ def _percent(text: str) -> float | None:
         return None
 
 
+def byte_unit(max_value: float) -> tuple[str, float]:
+    """The binary unit to print `max_value` bytes in: (name, bytes per unit)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(max_value) >= size:
+            return unit, size
+    return "B", 1
+
+
 def format_bytes(n: float | None) -> str:
+    """The one byte formatter of the project: binary units, two decimals (512 B, 3.00 MiB)."""
     if n is None:
         return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
+    unit, size = byte_unit(n)
+    return f"{n / size:.2f} {unit}" if size > 1 else f"{n:.0f} B"
 
 
 @dataclass(frozen=True)

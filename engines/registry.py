@@ -38,7 +38,12 @@ def engine_class(name: str) -> type[Engine]:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise BadInput(f"unknown engine {name!r}{hint}; available engines: {', '.join(table)}")
     module_name, _, attr = table[name].partition(":")
-    cls = getattr(importlib.import_module(module_name), attr)
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # noqa: BLE001 - a broken plug-in costs only itself, with one line naming it
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise BadInput(f"engine {name!r}: its plug-in {table[name]} cannot be loaded "
+                       f"({type(exc).__name__}: {first})") from None
     if not (isinstance(cls, type) and issubclass(cls, Engine)):
         raise BadInput(f"engine {name!r} points to {table[name]}, which is not an Engine subclass")
     return cls
@@ -46,6 +51,16 @@ def engine_class(name: str) -> type[Engine]:
 
 def create(name: str, **options) -> Engine:
     return engine_class(name)(**options)
+
+
+def check_options(name: str, options: dict) -> dict:
+    """The options as the engine's Options class coerces them (so "off" and false name the same cell), or
+    BadInput naming the bad one; nothing is loaded."""
+    from dataclasses import asdict
+
+    from .base import make_options
+    coerced = asdict(make_options(name, engine_class(name).Options, options))
+    return {k: coerced[k] for k in options}
 
 
 def parse_engine_list(text: str) -> list[str]:

@@ -16,8 +16,8 @@ import click
 from engines.errors import BadInput
 
 from . import matrix as matrix_mod
-from .results import DEFAULT_RESULTS_DIR, RunDir, check_writable, comparison_table, invalid_notes, new_run_id, \
-    render_table, row
+from .results import DEFAULT_RESULTS_DIR, ResultNotSaved, RunDir, check_writable, comparable_key, comparison_table, \
+    invalid_notes, new_run_id, render_table, row, sort_cells, warn
 from .schema import CellConfig
 
 
@@ -53,8 +53,8 @@ process_per_option = click.option(
                                "Default: UTC time and matrix name.")
 @click.option("--resume", "resume", metavar="RUN", help="Resume a run (id or directory) with the cells it planned; "
                                                        "finished cells are skipped.")
-@click.option("--retry-failed", is_flag=True, help="When resuming, run again the cells that failed "
-                                                   "(by default every finished cell, failed or not, is kept).")
+@click.option("--retry-failed", is_flag=True, help="When resuming, run again the cells that failed or were skipped "
+                                                   "(by default every finished cell is kept).")
 @click.option("--save-outputs", is_flag=True, help="Store the prompt token ids and generated token ids of every "
                                                    "sequence in each cell file.")
 @click.option("--trace", is_flag=True, help="Keep every NVML reading of each measured region (the bandwidth "
@@ -80,7 +80,7 @@ def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_ou
         if "cells" not in meta:
             raise BadInput(f"run {rundir.path}: run.json lists no cells, so it cannot be resumed; "
                            "run its matrix again with --run-id " + rundir.id)
-        cells = [CellConfig(**c) for c in meta["cells"]]
+        cells = stored_cells(meta, rundir.path / "run.json")
         matrix_mod.validate_cells(cells, str(rundir.path / "run.json"))
         m = matrix_mod.Matrix(cells=cells, source=meta.get("source", str(rundir.path)), text=meta.get("matrix", ""))
         results_dir, run_id = rundir.path.parent, rundir.id
@@ -108,29 +108,27 @@ def run(matrix_file, use_default, dry_run, run_id, resume, retry_failed, save_ou
     return _execute(m, results_dir, run_id or new_run_id(label), save_outputs, retry_failed, quiet)
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C during a run: the finished cells are saved; the message says how to resume."""
+
+
+def stored_cells(meta: dict, where: Path) -> list[CellConfig]:
+    """The cells a run.json planned; BadInput naming the file when one is not a cell of this schema."""
+    try:
+        return [CellConfig(**c) for c in meta.get("cells", [])]
+    except (TypeError, BadInput) as exc:
+        raise BadInput(f"{where}: a planned cell is not a cell of this schema ({exc})") from None
+
+
 def _execute(m, results_dir: Path, run_id: str, save_outputs: bool, retry_failed: bool, quiet: bool,
              engines_order: list[str] | None = None, json_path: Path | None = None) -> int:
-    from .env import environment
-    from .progress import Progress
-    from .runner import prepare_models, run_matrix
-
     rundir = RunDir.create(results_dir, run_id)
-    prepare_models(m.cells, progress=not quiet, echo=lambda text: click.echo(text, err=True))
-    old = rundir.read_meta()
-    planned = old.get("cells", [])
-    keys = {CellConfig(**c).key() for c in planned}
-    planned += [dataclasses.asdict(c) for c in m.cells if c.key() not in keys]
-    meta = dict(run_id=rundir.id, source=m.source, matrix=m.text, command=sys.argv,
-                created_at=old.get("created_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                engines=engines_order or list(dict.fromkeys(c.engine for c in m.cells)),
-                environment=environment(), cells=planned)
-    if old:
-        meta["resumed_at"] = old.get("resumed_at", []) + [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())]
-    rundir.write_meta(meta)
-    if not quiet:
-        click.echo(f"run {rundir.id}: {len(m.cells)} cells -> {rundir.path}", err=True)
-    results = run_matrix(m.cells, rundir, Progress(quiet=quiet), save_outputs=save_outputs,
-                         retry_failed=retry_failed, env=meta["environment"])
+    with rundir.lock():
+        try:
+            results, meta = _measure_run(m, rundir, save_outputs, retry_failed, quiet, engines_order)
+        except KeyboardInterrupt:
+            raise RunInterrupted(f"interrupted; the finished cells are saved in {rundir.path}; run again with "
+                                 f"--resume {rundir.id} (or the same --run-id) to measure the rest") from None
     click.echo(comparison_table(results, meta["engines"]))
     notes = invalid_notes(results)
     if notes:
@@ -150,14 +148,39 @@ def _execute(m, results_dir: Path, run_id: str, save_outputs: bool, retry_failed
     return 1 if failed else 0
 
 
+def _measure_run(m, rundir: RunDir, save_outputs: bool, retry_failed: bool, quiet: bool,
+                 engines_order: list[str] | None):
+    """run.json written (the cells planned, merged with a resumed run's), then every unfinished cell measured."""
+    from .env import environment
+    from .progress import Progress
+    from .runner import prepare_models, run_matrix
+
+    old = rundir.read_meta()  # a corrupt run.json stops here: rewriting it would lose the cells it planned
+    prepare_models(m.cells, progress=not quiet, echo=lambda text: click.echo(text, err=True))
+    planned = old.get("cells", [])
+    keys = {c.key() for c in stored_cells(old, rundir.path / "run.json")}
+    planned += [dataclasses.asdict(c) for c in m.cells if c.key() not in keys]
+    meta = dict(run_id=rundir.id, source=m.source, matrix=m.text, command=sys.argv,
+                created_at=old.get("created_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                engines=engines_order or list(dict.fromkeys(c.engine for c in m.cells)),
+                environment=environment(), cells=planned)
+    if old:
+        meta["resumed_at"] = old.get("resumed_at", []) + [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())]
+    rundir.write_meta(meta)
+    if not quiet:
+        click.echo(f"run {rundir.id}: {len(m.cells)} cells -> {rundir.path}", err=True)
+    results = run_matrix(m.cells, rundir, Progress(quiet=quiet), save_outputs=save_outputs,
+                         retry_failed=retry_failed, env=meta["environment"])
+    return results, meta
+
+
 def compare_rows(results, first_engine: str, run_id: str) -> list[dict]:
     """One flat row per cell, plus each throughput/traffic metric's ratio to the first engine's same cell."""
-    base = {(r.config.model, r.config.hardware, r.config.workload, r.config.batch_size): r
-            for r in results if r.config.engine == first_engine and r.status == "ok"}
+    base = {comparable_key(r.config): r for r in results if r.config.engine == first_engine and r.status == "ok"}
     out = []
     for r in results:
         d = row(r, run_id)
-        b = base.get((r.config.model, r.config.hardware, r.config.workload, r.config.batch_size))
+        b = base.get(comparable_key(r.config))
         for k in ("tokens_per_s", "decode_tokens_per_s", "h2d_bytes_per_token"):
             v, bv = getattr(r.metrics, k), getattr(b.metrics, k) if b is not None else None
             d[f"{k}_ratio"] = v / bv if v is not None and bv else None
@@ -188,8 +211,7 @@ def default_model() -> str:
 
 
 def default_workload() -> str:
-    from .runner import workload_names
-    return "code-heldout" if "code-heldout" in workload_names() else "synthetic-ids"
+    return "code-heldout"
 
 
 def default_hardware() -> str:
@@ -206,26 +228,8 @@ def parse_options(values: tuple[str, ...], engines: list[str]) -> dict[str, dict
             raise BadInput(f"--option {v!r}: write ENGINE.OPTION=VALUE, e.g. lru.capacity=50%")
         if engine not in engines:
             raise BadInput(f"--option {v!r}: engine {engine!r} is not among --engines {','.join(engines)}")
-        out.setdefault(engine, {})[name] = _coerce_option(engine, name, value)
+        out.setdefault(engine, {})[name] = value  # its engine's Options class coerces it (matrix.validate_cells)
     return out
-
-
-def _coerce_option(engine: str, name: str, value: str):
-    """A command-line option value takes the type of the option's default (int, float, bool), else stays text;
-    the engine validates it."""
-    from engines import registry
-    fields = {f.name: f for f in dataclasses.fields(registry.engine_class(engine).Options)}
-    kind = type(fields[name].default) if name in fields else str
-    try:
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                raise ValueError
-            return value.lower() in ("true", "1", "yes", "on")
-        if kind in (int, float):
-            return kind(value)
-    except ValueError:
-        raise BadInput(f"--option {engine}.{name}={value}: expected {'true or false' if kind is bool else kind.__name__}")
-    return value
 
 
 @cli.command()
@@ -315,13 +319,11 @@ def list_cmd(what):
                 rows.append([name, f"(cannot be loaded: {type(exc).__name__}: {exc})", target])
         click.echo(render_table(["engine", "what it is", "options (default)"], rows))
     elif what == "models":
-        click.echo(_rows_table(_workloads_rows("list_models_rows"), _builtin_model_rows))
+        from workloads.cli import list_models_rows
+        click.echo(_rows_table(list_models_rows()))
     elif what == "workloads":
-        from .runner import BUILTIN_WORKLOADS
-        extra = _workloads_rows("list_workloads_rows")
-        rows = [{"name": k, "source": "builtin", "description": v} for k, v in BUILTIN_WORKLOADS.items()]
-        rows += [r for r in extra or [] if isinstance(r, dict) and r.get("name") not in BUILTIN_WORKLOADS]
-        click.echo(_rows_table(rows, None))
+        from workloads.cli import list_workloads_rows
+        click.echo(_rows_table(list_workloads_rows()))
     else:
         import torch
         rows = [["cpu", "functional: bytes and hit rates are real, times are not GPU times", ""]]
@@ -336,29 +338,11 @@ def list_cmd(what):
         click.echo(render_table(["hardware", "what it is", "memory"], rows))
 
 
-def _workloads_rows(name: str):
-    try:
-        import workloads.cli as wcli
-        return list(getattr(wcli, name)())
-    except (ImportError, AttributeError):
-        return None
-
-
-def _builtin_model_rows():
-    from workloads.models import SYNTHETIC, known_models
-    return [{"model": n, "source": "synthetic" if n in SYNTHETIC else "",
-             "description": SYNTHETIC[n][1] if n in SYNTHETIC else ""} for n in known_models()]
-
-
-def _rows_table(rows, fallback) -> str:
-    if rows is None:
-        rows = fallback() if fallback else []
+def _rows_table(rows: list[dict]) -> str:
     if not rows:
         return "(none)"
-    if isinstance(rows[0], dict):
-        header = list(dict.fromkeys(k for r in rows for k in r))
-        return render_table(header, [[_cell_text(r.get(k)) for k in header] for r in rows])
-    return render_table([""] * len(rows[0]), [[_cell_text(x) for x in r] for r in rows])
+    header = list(dict.fromkeys(k for r in rows for k in r))
+    return render_table(header, [[_cell_text(r.get(k)) for k in header] for r in rows])
 
 
 def _cell_text(v) -> str:
@@ -373,12 +357,9 @@ def show(run_ref, flat, results_dir):
     """Reprint a stored run's table. RUN is a run id under --results-dir or a run directory."""
     rundir = RunDir.open(run_ref, results_dir)
     results = rundir.results()
-    meta = rundir.read_meta()
+    meta = rundir.read_meta(on_corrupt=warn)
     if flat:
-        cols = ["engine", "model", "batch_size", "hardware", "status", "valid", "tokens_per_s", "ttft_ms",
-                "h2d_bytes_per_token", "tokens_per_step", "acceptance_rate", "equivalent"]
-        rows = [row(r) for r in results]
-        click.echo(render_table(cols, [[_fmt_flat(r[c]) for c in cols] for r in rows]))
+        click.echo(flat_table(results))
     else:
         engines = meta.get("engines")
         present = list(dict.fromkeys(r.config.engine for r in results))
@@ -394,12 +375,17 @@ def show(run_ref, flat, results_dir):
                f"commit {(env.get('git_commit') or '?')[:10]}{' (dirty)' if env.get('git_dirty') else ''}")
 
 
-def _fmt_flat(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+FLAT_METRICS = ["tokens_per_s", "ttft_ms", "h2d_bytes_per_token", "tokens_per_step", "acceptance_rate", "equivalent"]
+
+
+def flat_table(results) -> str:
+    """One row per cell with its status, batch sizes in numeric order, each metric printed per its facts."""
+    from .schema import metric_fact
+    header = ["engine", "model", "batch_size", "hardware", "status", "valid"] + FLAT_METRICS
+    rows = [[r.config.engine, r.config.model, str(r.config.batch_size), r.config.hardware, r.status,
+             str(r.valid)] + [metric_fact(m).text(getattr(r.metrics, m)) for m in FLAT_METRICS]
+            for r in sort_cells(results)]
+    return render_table(header, rows)
 
 
 @cli.command()
@@ -447,11 +433,14 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except RunInterrupted as exc:
+        click.echo(f"\n{exc}", err=True)
         sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted; finished cells are saved, run again with the same --run-id to resume", err=True)
+    except ResultNotSaved as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("\ninterrupted", err=True)
         sys.exit(130)
     sys.exit(rc if isinstance(rc, int) else 0)
 

@@ -2,7 +2,7 @@
 top-1 agreement and the largest logit difference."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -17,9 +17,6 @@ class Equivalence:
     teacher_forced_top1: float | None  # share of positions where both argmaxes agree, reference tokens fed in
     max_abs_logit_diff: float | None  # over those positions and the whole vocabulary
     equivalent: bool  # exact_match_rate == 1
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:

@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from engines.errors import BadInput
 
-from .schema import CellConfig
+from .schema import PROCESS_PER, CellConfig, type_name
+from .schema import check_setting as schema_check_setting
 
 AXES = {"engines": "engine", "models": "model", "batch_sizes": "batch_size", "hardware": "hardware",
         "workloads": "workload"}  # [matrix] key -> CellConfig field
@@ -41,8 +43,6 @@ DEFAULT_WORKLOAD = "synthetic-ids"
 # [settings] keys: CellConfig fields that are not axes (engine options come from [engines.NAME])
 SETTINGS = {f.name: f for f in dataclasses.fields(CellConfig)
             if f.name not in set(AXES.values()) | {"engine_options"}}
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "int | None": (int,), "bool": (bool,)}
-PROCESS_PER = ("cell", "model")  # a process per cell, or one shared by consecutive cells of one model
 MATRICES_DIR = Path(__file__).resolve().parent.parent / "matrices"
 
 
@@ -51,39 +51,16 @@ class Matrix:
     cells: list[CellConfig]
     source: str  # the file, or "compare" for an ad-hoc matrix
     text: str = ""  # the TOML as written, stored in run.json
-    axes: dict = field(default_factory=dict)
-
-
-def _type_name(value) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a table"}.get(type(value), type(value).__name__)
 
 
 def check_setting(where: str, key: str, value):
-    """Validate one [settings] value against the CellConfig field's type and range; returns it converted."""
-    f = SETTINGS.get(key)
-    if f is None:
+    """Validate one [settings] value (schema.check_setting's rules); returns it converted."""
+    if key not in SETTINGS:
         raise BadInput(f"{where}: unknown key {key!r}; allowed: {', '.join(SETTINGS)}")
-    kinds = _TYPES[str(f.type)]
-    if kinds == (bool,):
-        if not isinstance(value, bool):
-            raise BadInput(f"{where}: {key} must be true or false, got {_type_name(value)} {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise BadInput(f"{where}: {key} must be {'an integer' if kinds == (int,) else 'a number' if float in kinds else 'a string'}, "
-                       f"got {_type_name(value)} {value!r}")
-    if key == "dtype" and value not in ("float32", "float16", "bfloat16"):
-        raise BadInput(f"{where}: dtype {value!r} is not one of float32, float16, bfloat16")
-    if key == "process_per" and value not in PROCESS_PER:
-        raise BadInput(f"{where}: process_per {value!r} is not one of {', '.join(PROCESS_PER)}")
-    positive = {"prompt_len", "max_new_tokens", "min_iterations", "model_layers", "timeout_s", "cpu_threads"}
-    if key in positive and value <= 0:
-        raise BadInput(f"{where}: {key} must be greater than 0, got {value!r}")
-    if key in {"warmup", "min_duration_s", "temperature", "seed"} and value < 0:
-        raise BadInput(f"{where}: {key} must be 0 or more, got {value!r}")
-    if key == "top_p" and not 0 < value <= 1:
-        raise BadInput(f"{where}: top_p must be in (0, 1], got {value!r}")
-    return float(value) if float in kinds else value
+    try:
+        return schema_check_setting(key, value)
+    except BadInput as exc:
+        raise BadInput(f"{where}: {exc}") from None
 
 
 def _check_axis(where: str, key: str, values) -> list:
@@ -95,11 +72,11 @@ def _check_axis(where: str, key: str, values) -> list:
     for v in values:
         if key == "batch_sizes":
             if isinstance(v, bool) or not isinstance(v, int):
-                raise BadInput(f"{where}: batch_sizes must hold whole numbers, got {_type_name(v)} {v!r}")
+                raise BadInput(f"{where}: batch_sizes must hold whole numbers, got {type_name(v)} {v!r}")
             if v < 1:
                 raise BadInput(f"{where}: batch size {v} must be at least 1")
         elif not isinstance(v, str) or not v.strip():
-            raise BadInput(f"{where}: {key} must hold non-empty strings, got {_type_name(v)} {v!r}")
+            raise BadInput(f"{where}: {key} must hold non-empty strings, got {type_name(v)} {v!r}")
         if v in out:
             raise BadInput(f"{where}: {key} lists {v!r} twice")
         out.append(v)
@@ -157,47 +134,64 @@ def parse(text: str, source: str, check_hardware: bool = True, check_names: bool
     for key in data:
         if key not in allowed_top:
             raise BadInput(f"{source}: unknown top-level key {key!r}; allowed: {', '.join(sorted(allowed_top))}")
-    m = data.get("matrix")
-    if not isinstance(m, dict):
-        raise BadInput(f"{source}: missing [matrix] table with engines, models, batch_sizes, hardware")
-    axes = {}
-    for key in m:
-        if key not in AXES:
-            raise BadInput(f"{source}: [matrix] unknown key {key!r}; allowed: {', '.join(AXES)}")
-    for key in AXES:
-        if key not in m:
-            if key == "workloads":
-                axes[key] = [DEFAULT_WORKLOAD]
-                continue
-            raise BadInput(f"{source}: [matrix] missing key {key!r}")
-        axes[key] = _check_axis(f"{source}: [matrix]", key, m[key])
-
-    settings = _table(source, data, "settings")
-    settings = {k: check_setting(f"{source}: [settings]", k, v) for k, v in settings.items()}
-    model_settings = {}
+    axes = _axes(source, data.get("matrix"))
+    settings = {k: check_setting(f"{source}: [settings]", k, v) for k, v in _table(source, data, "settings").items()}
+    model_settings, engine_options = {}, {}
     for name, table in _table(source, data, "models").items():
         if not isinstance(table, dict):
             raise BadInput(f"{source}: [models] {name!r} must be a table of settings")
         model_settings[name] = {k: check_setting(f"{source}: [models.{name!r}]", k, v) for k, v in table.items()}
-    engine_options = {}
     for name, table in _table(source, data, "engines").items():
         if not isinstance(table, dict):
             raise BadInput(f"{source}: [engines] {name!r} must be a table of that engine's options")
         engine_options[name] = table
 
+    def make(engine, model, batch_size, hardware, workload):
+        kw = dict(settings)
+        kw.update(model_settings.get(model, {}))
+        try:
+            return CellConfig(engine=engine, model=model, batch_size=batch_size, hardware=hardware,
+                              workload=workload, engine_options=dict(engine_options.get(engine, {})), **kw)
+        except BadInput as exc:
+            raise BadInput(f"{source}: [engines.{engine}]: {exc}") from None
+
+    cells = _expand(source, data, axes, make)
+    for name in model_settings:
+        if all(c.model != name for c in cells):
+            raise BadInput(f"{source}: [models.{name!r}] names a model that no cell uses")
+    for name in engine_options:
+        if all(c.engine != name for c in cells):
+            raise BadInput(f"{source}: [engines.{name}] names an engine that no cell uses")
+    if check_names:
+        validate_cells(cells, source, check_hardware=check_hardware)
+    return Matrix(cells=cells, source=source, text=text)
+
+
+def _axes(source: str, m) -> dict[str, list]:
+    if not isinstance(m, dict):
+        raise BadInput(f"{source}: missing [matrix] table with engines, models, batch_sizes, hardware")
+    for key in m:
+        if key not in AXES:
+            raise BadInput(f"{source}: [matrix] unknown key {key!r}; allowed: {', '.join(AXES)}")
+    axes = {}
+    for key in AXES:
+        if key in m:
+            axes[key] = _check_axis(f"{source}: [matrix]", key, m[key])
+        elif key == "workloads":
+            axes[key] = [DEFAULT_WORKLOAD]
+        else:
+            raise BadInput(f"{source}: [matrix] missing key {key!r}")
+    return axes
+
+
+def _expand(source: str, data: dict, axes: dict[str, list], make) -> list[CellConfig]:
+    """The product of the axes, less the [[exclude]] rules, plus the [[include]] cells."""
     rules = {}
     for kind in ("include", "exclude"):
         value = data.get(kind, [])
         if not isinstance(value, list):
             raise BadInput(f"{source}: {kind} must be an array of tables: write [[{kind}]]")
         rules[kind] = [_rule(f"{source}: [[{kind}]] #{i + 1}", r, kind == "include") for i, r in enumerate(value)]
-
-    def make(engine, model, batch_size, hardware, workload):
-        kw = dict(settings)
-        kw.update(model_settings.get(model, {}))
-        return CellConfig(engine=engine, model=model, batch_size=batch_size, hardware=hardware, workload=workload,
-                          engine_options=dict(engine_options.get(engine, {})), **kw)
-
     cells = [make(*combo) for combo in itertools.product(*(axes[k] for k in AXES))]
     cells = [c for c in cells if not any(_matches(c, r) for r in rules["exclude"])]
     for rule in rules["include"]:
@@ -208,15 +202,7 @@ def parse(text: str, source: str, check_hardware: bool = True, check_names: bool
                 cells.append(cell)
     if not cells:
         raise BadInput(f"{source}: the exclude rules remove every cell")
-    for name in model_settings:
-        if all(c.model != name for c in cells):
-            raise BadInput(f"{source}: [models.{name!r}] names a model that no cell uses")
-    for name in engine_options:
-        if all(c.engine != name for c in cells):
-            raise BadInput(f"{source}: [engines.{name}] names an engine that no cell uses")
-    if check_names:
-        validate_cells(cells, source, check_hardware=check_hardware)
-    return Matrix(cells=cells, source=source, text=text, axes=axes)
+    return cells
 
 
 def _table(source: str, data: dict, key: str) -> dict:
@@ -243,39 +229,28 @@ def default_matrix_path() -> Path:
     return MATRICES_DIR / ("gpu.toml" if torch.cuda.is_available() else "cpu.toml")
 
 
-def check_model_name(name: str) -> None:
-    """A model name must be a known preset/checkpoint name, a local directory or a hub id org/name."""
-    from workloads.models import did_you_mean, known_models
-    if name in known_models() or Path(name).expanduser().is_dir():
-        return
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return  # a hub id; whether it resolves is known only when the cell loads it
-    raise BadInput(f"unknown model {name!r}{did_you_mean(name, known_models())}; "
-                   f"allowed: {', '.join(known_models())}, a local checkpoint directory or a hub id org/name")
-
-
-def check_workload_name(name: str) -> None:
-    from .runner import check_workload
-    check_workload(name)
-
-
 def validate_cells(cells: list[CellConfig], source: str, check_hardware: bool = True) -> None:
-    """Every engine, engine option, model, hardware and workload must exist before anything is measured."""
+    """Every engine and its options, model (with its layers and dtype), hardware and workload must be valid before
+    anything is measured; engine options are replaced by the values their engine's Options class coerced them to,
+    so that a cell has one key however its options were spelled. Each distinct value is checked once."""
     from engines import registry
     from engines.hardware import HardwareProfile
+    from workloads.models import check_model
+    from workloads.prompts import check_workload
 
-    seen = set()
-    for c in cells:
-        for kind, value, check in (
-                ("engine", (c.engine, tuple(sorted(c.engine_options.items()))),
-                 lambda v: registry.create(v[0], **dict(v[1]))),
-                ("model", c.model, check_model_name),
-                ("hardware", c.hardware, lambda v: HardwareProfile.parse(v, check_available=check_hardware)),
-                ("workload", c.workload, check_workload_name)):
-            if (kind, value) in seen:
-                continue
-            seen.add((kind, value))
+    checked: dict = {}
+
+    def once(kind, value, check):
+        k = (kind, json.dumps(value, sort_keys=True, default=str))
+        if k not in checked:
             try:
-                check(value)
+                checked[k] = check(*value)
             except BadInput as exc:
                 raise BadInput(f"{source}: {exc}") from None
+        return checked[k]
+
+    for c in cells:
+        c.engine_options = once("engine", (c.engine, c.engine_options), registry.check_options)
+        once("model", (c.model, c.model_layers, c.dtype), check_model)
+        once("hardware", (c.hardware,), lambda v: HardwareProfile.parse(v, check_available=check_hardware))
+        once("workload", (c.workload,), check_workload)

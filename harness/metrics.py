@@ -26,6 +26,7 @@ from __future__ import annotations
 import statistics
 
 from engines.runtime import Generation
+from engines.stats import GenerationStats
 
 from .schema import Metrics
 
@@ -65,7 +66,7 @@ def iteration_values(g: Generation) -> dict[str, float | None]:
     ttft = g.t_first - g.t_start
     decode_tokens = sum(g.step_tokens)
     decode_time = (g.step_times[-1] - g.t_first) if g.step_times else None
-    stats = g.stats or {}
+    stats = GenerationStats.of(g.stats)
     return {
         "output_tokens": out_tokens,
         "tokens_per_s": _ratio(out_tokens, e2e),
@@ -73,12 +74,12 @@ def iteration_values(g: Generation) -> dict[str, float | None]:
         "prefill_tokens_per_s": _ratio(sum(g.prompt_lens), ttft),
         "ttft_ms": ttft * 1e3,
         "e2e_latency_ms": e2e * 1e3,
-        "h2d_bytes": stats.get("h2d_bytes"),
-        "h2d_bytes_per_token": _ratio(stats.get("h2d_bytes"), out_tokens),
-        "h2d_gb_per_s": None if stats.get("h2d_bytes") is None else stats["h2d_bytes"] / e2e / 1e9,
+        "h2d_bytes": stats.h2d_bytes,
+        "h2d_bytes_per_token": _ratio(stats.h2d_bytes, out_tokens),
+        "h2d_gb_per_s": None if stats.h2d_bytes is None else stats.h2d_bytes / e2e / 1e9,
         "tpot_ms_p50": percentile(tpot_samples_ms(g), 50),  # this iteration's median, for significance tests
         "max_step_ms": max(((b - a) * 1e3 for a, b in zip([g.t_first] + g.step_times, g.step_times)), default=None),
-        "host_gc_ms": stats.get("host_gc_ms"),
+        "host_gc_ms": stats.host_gc_ms,
     }
 
 
@@ -95,7 +96,7 @@ def tpot_samples_ms(g: Generation) -> list[float]:
 
 def _sum_stat(gens: list[Generation], key: str) -> float | None:
     """Sum of one engine counter over iterations; None when any iteration lacks it (not measured)."""
-    values = [(g.stats or {}).get(key) for g in gens]
+    values = [getattr(GenerationStats.of(g.stats), key) for g in gens]
     if not values or any(v is None for v in values):
         return None
     return sum(values)

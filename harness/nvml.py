@@ -4,6 +4,8 @@ measured region and reduces them to per-cell numbers whose keys carry their unit
 Each counter path is a small `Source`; the reduction maths (integrals, percentiles, counter wraps and resets)
 are plain functions, so all of it is testable with fake sources and no GPU. A metric that was not measured is
 None with a reason in `nvml_absent`, never 0.
+Over 500 lines on purpose: every counter path (PCIe throughput, GPM, the PCIe count fields, power, energy, memory)
+has its own reading rules, and they share one summary declaration and one reduction, which belong together.
 """
 from __future__ import annotations
 

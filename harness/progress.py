@@ -1,5 +1,5 @@
 """Progress over cells and over tokens within a cell: a redrawn bar when stderr is a terminal, plain lines when
-it is not (CI logs, pipes)."""
+it is not (CI logs, pipes), nothing with `quiet` but the warnings (`note`)."""
 from __future__ import annotations
 
 import sys
@@ -29,9 +29,11 @@ class Progress:
             self.current = cell.key()
             self.expected_tokens = cell.batch_size * cell.max_new_tokens * max(cell.min_iterations, 1)
             self.phase, self.tokens, self.t_cell = "start", 0, time.perf_counter()
+            if self.quiet:
+                return
             if self.tty:
                 self._draw()
-            elif not self.quiet:
+            else:
                 self._line(f"[{self.done + 1}/{self.total}] {self.current} ...")
 
     def cell_progress(self, event: dict) -> None:
@@ -39,7 +41,7 @@ class Progress:
             self.phase = event.get("phase", self.phase)
             if self.phase == "measure":
                 self.tokens = event.get("tokens", self.tokens)
-            if self.tty:
+            if self.tty and not self.quiet:
                 self._draw()
 
     def cell_done(self, cell, result, resumed: bool = False) -> None:
@@ -54,6 +56,13 @@ class Progress:
             if self.tty:
                 self.stream.write("\r\033[K")
             self._line(f"[{self.done}/{self.total}] {cell.key()}: {status}, {what} ({took})")
+
+    def note(self, text: str) -> None:
+        """A warning about the run (a corrupt cell file measured again): shown even when quiet."""
+        with self.lock:
+            if self.tty and not self.quiet:
+                self.stream.write("\r\033[K")
+            self._line(f"warning: {text}")
 
     def finish(self) -> None:
         if self.tty and not self.quiet:

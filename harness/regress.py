@@ -15,37 +15,19 @@ from pathlib import Path
 import click
 
 from engines.errors import BadInput
-from harness.results import read_cell
-from harness.schema import CellResult
+from harness.results import RunDir, check_writable, warn
+from harness.schema import METRIC_FACTS, CellResult, metric_value
 
-# metric -> which way is better. "exact": no better direction, any change is flagged.
-DIRECTION: dict[str, str] = {
-    "tokens_per_s": "higher", "decode_tokens_per_s": "higher", "prefill_tokens_per_s": "higher",
-    "ttft_ms": "lower", "tpot_ms_p50": "lower", "tpot_ms_p90": "lower", "tpot_ms_p99": "lower",
-    "e2e_latency_ms": "lower",
-    "output_tokens": "exact",
-    "h2d_bytes": "lower", "h2d_bytes_per_token": "lower", "h2d_gb_per_s": "higher", "h2d_copies": "lower",
-    "expert_hit_rate": "higher",
-    "setup_h2d_bytes": "lower", "weight_read_bytes": "lower",
-    "bound_tokens_per_s": "higher", "pct_of_bound": "higher", "bound": "exact",
-    "drafted_tokens": "exact", "accepted_tokens": "higher", "acceptance_rate": "higher", "tokens_per_step": "higher",
-    "draft_time_ms": "lower", "verify_time_ms": "lower", "draft_h2d_bytes": "lower", "verify_h2d_bytes": "lower",
-    "peak_device_mem_bytes": "lower", "host_rss_bytes_max": "lower",
-    "equivalent": "higher", "exact_match_rate": "higher", "teacher_forced_top1": "higher",
-    "max_abs_logit_diff": "lower",
-    # NVML summary keys (harness.nvml), absent without an NVIDIA GPU
-    "nvml.joules_per_token": "lower", "nvml.power_w_mean": "lower",
-}
-# Counted by the engine, not timed: identical from run to run on the CPU, so compared exactly there.
-DETERMINISTIC_ON_CPU = {"h2d_bytes_per_token", "h2d_bytes", "h2d_copies", "expert_hit_rate", "tokens_per_step",
-                        "acceptance_rate", "drafted_tokens", "accepted_tokens", "output_tokens", "equivalent",
-                        "exact_match_rate"}
+# Read from the metric facts on the schema (harness.schema.METRIC_FACTS): metric -> which way is better, "exact"
+# for a count with no better direction (any change is flagged); those counted, not timed, are exact on the CPU.
+DIRECTION: dict[str, str] = {n: f.better or "exact" for n, f in METRIC_FACTS.items() if f.compared}
+DETERMINISTIC_ON_CPU = {n for n, f in METRIC_FACTS.items() if f.cpu_exact and f.compared}
+NOT_COMPARED = {n for n, f in METRIC_FACTS.items() if not f.compared and not n.startswith("nvml.")}
 ALWAYS_EXACT = {"equivalent"}  # a reference match lost is a regression on any hardware
 # Compared when no --metric is given.
 DEFAULT_METRICS = ["tokens_per_s", "decode_tokens_per_s", "ttft_ms", "tpot_ms_p50", "h2d_bytes_per_token",
                    "expert_hit_rate", "tokens_per_step", "acceptance_rate", "equivalent", "exact_match_rate",
                    "nvml.joules_per_token"]
-NOT_COMPARED = {"iterations", "first_divergence"}  # a count of the method, a list: no direction
 
 ALPHA = 0.05  # significance level of the two-sided Mann-Whitney U test
 MIN_SAMPLES = 4  # per side: with 3 vs 3 samples the smallest two-sided p-value is 0.1, so 0.05 is unreachable
@@ -53,37 +35,21 @@ MIN_SAMPLES = 4  # per side: with 3 vs 3 samples the smallest two-sided p-value 
 ENV_IGNORED = {"host", "hostname", "executable", "git_commit", "git_dirty", "git_describe", "started_at",
                "finished_at", "pid", "command", "argv", "timestamp", "run_id"}
 
-# -- loading -------------------------------------------------------------------------------------------------
+# -- loading: the one run-directory API (harness.results.RunDir) ------------------------------------------
 
 
-def resolve_run(path: str | Path) -> Path:
-    """A run directory, or a run id under results/runs/."""
-    p = Path(path)
-    if not p.exists() and (Path("results/runs") / p).is_dir():
-        p = Path("results/runs") / p
-    if not p.is_dir():
-        raise BadInput(f"run {str(path)!r}: no such directory (give results/runs/<run-id> or a run id)")
-    return p
+def load_run(ref: str | Path) -> list[CellResult]:
+    """Every readable cell result of a run: a run directory (results/baselines/cpu) or a run id under
+    results/runs. A corrupt cell file is skipped with a warning naming it."""
+    cells = RunDir.open(ref).results()
+    if not cells:
+        raise BadInput(f"run {str(ref)!r}: no cell results in it")
+    return cells
 
 
-def load_run(path: str | Path) -> list[CellResult]:
-    """Every cell result of a run directory (run.json + cells/*.json), in file-name order."""
-    run = resolve_run(path)
-    files = sorted((run / "cells").glob("*.json"))
-    if not files:
-        raise BadInput(f"run {str(run)!r}: no cell results in {run / 'cells'}")
-    return [read_cell(f) for f in files]
-
-
-def load_run_meta(path: str | Path) -> dict:
-    """run.json of a run directory ({} when absent); BadInput when it is corrupt."""
-    f = resolve_run(path) / "run.json"
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise BadInput(f"{f}: corrupt or truncated run file ({exc.msg} at line {exc.lineno})") from None
+def load_run_meta(ref: str | Path) -> dict:
+    """run.json of a run ({} when absent, or corrupt: then with a warning saying so)."""
+    return RunDir.open(ref).read_meta(on_corrupt=warn)
 
 
 # -- comparison ----------------------------------------------------------------------------------------------
@@ -146,13 +112,6 @@ def check_metrics(names: list[str]) -> list[str]:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise BadInput(f"unknown metric {n!r}{hint}; known metrics: {', '.join(DIRECTION)}")
     return names
-
-
-def metric_value(r: CellResult, metric: str):
-    if metric.startswith("nvml."):
-        v = (r.metrics.nvml or {}).get(metric[5:])
-        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-    return getattr(r.metrics, metric)
 
 
 def compare_metric(cell: str, metric: str, base: CellResult, cand: CellResult, threshold: float) -> Row:
@@ -306,18 +265,7 @@ def render_markdown(comp: Comparison, threshold: float, per_metric: dict[str, fl
 
 
 def unit_of(metric: str) -> str:
-    if metric.startswith("nvml."):
-        return {"nvml.joules_per_token": "J/token", "nvml.power_w_mean": "W"}.get(metric, "")
-    if metric.endswith("_per_s"):
-        return "tokens/s"
-    if metric.endswith("_ms"):
-        return "ms"
-    if metric.endswith("_bytes_per_token"):
-        return "bytes/token"
-    if metric.endswith("_bytes") or metric.endswith("_bytes_max"):
-        return "bytes"
-    return {"tokens_per_step": "tokens/step", "equivalent": "1 = yes"}.get(metric, "ratio" if "rate" in metric
-                                                                            or "top1" in metric else "count")
+    return METRIC_FACTS[metric].unit
 
 
 def github_benchmark_json(cand: list[CellResult], comp: Comparison) -> tuple[list[dict], list[dict]]:
@@ -339,13 +287,17 @@ def github_benchmark_json(cand: list[CellResult], comp: Comparison) -> tuple[lis
     return bigger, smaller
 
 
-def write_github_json(path: str | Path, cand: list[CellResult], comp: Comparison) -> list[Path]:
+def github_json_paths(path: str | Path) -> list[Path]:
+    """PATH.bigger.json and PATH.smaller.json, a trailing .json of PATH dropped."""
     p = Path(path)
-    bigger, smaller = github_benchmark_json(cand, comp)
     stem = p.with_suffix("") if p.suffix == ".json" else p
+    return [stem.parent / f"{stem.name}.{name}.json" for name in ("bigger", "smaller")]
+
+
+def write_github_json(path: str | Path, cand: list[CellResult], comp: Comparison) -> list[Path]:
+    bigger, smaller = github_benchmark_json(cand, comp)
     out = []
-    for name, entries in (("bigger", bigger), ("smaller", smaller)):
-        f = stem.parent / f"{stem.name}.{name}.json"
+    for f, entries in zip(github_json_paths(path), (bigger, smaller)):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(entries, indent=2) + "\n")
         out.append(f)
@@ -374,6 +326,8 @@ def regress_command(baseline, candidate, thresholds, metrics, json_out, out):
     try:
         thr, per_metric = parse_thresholds(thresholds)
         check_metrics(list(metrics))
+        for path in ([out] if out else []) + (github_json_paths(json_out) if json_out else []):
+            check_writable(path, make_parents=True)
         base, cand = load_run(baseline), load_run(candidate)
         comp = compare_runs(base, cand, thr, list(metrics) or None, load_run_meta(baseline), load_run_meta(candidate),
                             per_metric)
@@ -382,12 +336,16 @@ def regress_command(baseline, candidate, thresholds, metrics, json_out, out):
         sys.exit(2)
     text = render_markdown(comp, thr, per_metric)
     click.echo(text, nl=False)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
-    if json_out:
-        for f in write_github_json(json_out, cand, comp):
-            click.echo(f"wrote {f}")
+    try:
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(text)
+        if json_out:
+            for f in write_github_json(json_out, cand, comp):
+                click.echo(f"wrote {f}")
+    except OSError as exc:  # checked before, so only a fault now (a full disk); the table is printed above
+        click.echo(f"error: {exc.filename}: cannot be written ({exc.strerror or exc})", err=True)
+        sys.exit(2)
     sys.exit(1 if comp.failed else 0)
 
 

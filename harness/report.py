@@ -15,8 +15,9 @@ from typing import Callable
 import click
 
 from engines.errors import BadInput
-from harness.regress import load_run, load_run_meta, resolve_run
-from harness.schema import CellResult
+from engines.hardware import byte_unit
+from harness.results import DEFAULT_RESULTS_DIR, RunDir, check_writable_dir, series_name, varying_settings, warn
+from harness.schema import CellResult, format_value, metric_fact, metric_value
 
 REFERENCE_ENGINE = "offload"  # speedups are over naive offload, as in the paper (MoE-OnDemand)
 ENGINE_ORDER = ["resident", "offload", "overlap", "caching", "lru", "nospec", "specmoe", "accelerate"]
@@ -42,18 +43,6 @@ class Block:
 # -- the cells of a run, grouped into panels (model x hardware) and series (engine with options) ---------------
 
 
-def series_of(r: CellResult) -> str:
-    """The engine with its options, spelled as in the cell key: lru[capacity=3]."""
-    opts = ",".join(f"{k}={v}" for k, v in sorted(r.config.engine_options.items()))
-    return r.config.engine + (f"[{opts}]" if opts else "")
-
-
-def _varying(cells: list[CellResult]) -> list[str]:
-    """Config fields besides engine, batch, model and hardware that differ across the run (they split panels)."""
-    names = ["workload", "dtype", "model_layers", "prompt_len", "max_new_tokens", "temperature", "seed"]
-    return [n for n in names if len({getattr(c.config, n) for c in cells}) > 1]
-
-
 def panel_of(r: CellResult, varying: list[str]) -> str:
     extra = ", ".join(f"{n}={getattr(r.config, n)}" for n in varying)
     return f"{r.config.model} on {r.config.hardware}" + (f" ({extra})" if extra else "")
@@ -69,13 +58,13 @@ Points = dict[str, dict[str, list[tuple[int, float, float | None]]]]  # panel ->
 
 def collect(cells: list[CellResult], value: Callable[[CellResult], float | None],
             err: Callable[[CellResult], float | None] = lambda r: None) -> Points:
-    varying = _varying(cells)
+    varying = varying_settings(cells)
     out: Points = {}
     for r in cells:
         v = value(r)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue
-        out.setdefault(panel_of(r, varying), {}).setdefault(series_of(r), []).append(
+        out.setdefault(panel_of(r, varying), {}).setdefault(series_name(r), []).append(
             (r.config.batch_size, float(v), err(r)))
     for series in out.values():
         for pts in series.values():
@@ -101,11 +90,6 @@ def speedups(cells: list[CellResult]) -> Points:
             if sp:
                 out.setdefault(panel, {})[name] = sp
     return out
-
-
-def nvml_value(r: CellResult, key: str) -> float | None:
-    v = (r.metrics.nvml or {}).get(key)
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def nvml_timeline(r: CellResult) -> dict[str, list[float]] | None:
@@ -135,13 +119,6 @@ def _colors(names) -> dict[str, tuple]:
     cmap = matplotlib.colormaps["tab10"]
     ordered = sorted(set(names), key=_engine_rank)
     return {n: (cmap(i % 10), MARKERS[i % len(MARKERS)]) for i, n in enumerate(ordered)}
-
-
-def byte_unit(max_value: float) -> tuple[str, float]:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if max_value >= size:
-            return unit, size
-    return "B", 1
 
 
 def panel_figure(path: Path, rows: list[tuple[Points, str]], title: str, colors: dict[str, tuple],
@@ -231,43 +208,66 @@ def timeline_figure(path: Path, r: CellResult, tl: dict[str, list[float]]) -> bo
 # -- tables ----------------------------------------------------------------------------------------------------
 
 
-def fmt(v: float | None, how: str = "g") -> str:
-    if v is None:
-        return "-"
-    if how == "x":
-        return f"{v:.2f}x"
-    if how == "2f":
-        return f"{v:.2f}"
-    if how == "pct":
-        return f"{v:.1%}"
-    if how == "bytes":
-        unit, size = byte_unit(abs(v))
-        return f"{v / size:.2f} {unit}" if size > 1 else f"{v:.0f} B"
-    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+def fmt(v: float | None, metric: str) -> str:
+    """A value as the CLI prints it: the metric's own format (harness.schema), or "x" for a speedup."""
+    return format_value(v, "x" if metric == "x" else metric_fact(metric).format)
 
 
-def pivot(pts: Points, panel: str, how: str) -> tuple[list[str], list[list[str]]] | None:
+def pivot(pts: Points, panel: str, metric: str) -> tuple[list[str], list[list[str]]] | None:
     series = pts.get(panel)
     if not series:
         return None
     names = sorted(series, key=_engine_rank)
     batches = sorted({b for s in series.values() for b, _, _ in s})
     table = {(n, b): v for n in names for b, v, _ in series[n]}
-    return ["batch"] + names, [[str(b)] + [fmt(table.get((n, b)), how) for n in names] for b in batches]
+    return ["batch"] + names, [[str(b)] + [fmt(table.get((n, b)), metric) for n in names] for b in batches]
 
 
 # -- the report ------------------------------------------------------------------------------------------------
 
 
+TABLES = [("Output tokens/s", "tokens_per_s"), (f"Speedup over {REFERENCE_ENGINE}", "x"),
+          ("Host-to-device bytes per output token", "h2d_bytes_per_token"), ("Expert hit rate", "expert_hit_rate"),
+          ("Tokens per step per sequence", "tokens_per_step"), ("Acceptance rate", "acceptance_rate"),
+          ("TTFT (ms)", "ttft_ms"), ("TPOT p50 (ms)", "tpot_ms_p50"),
+          ("Exact match with `resident`", "exact_match_rate"),
+          ("Energy per output token (J)", "nvml.joules_per_token")]  # (title, metric; "x": speedup)
+SPECULATION = ("tokens_per_step", "acceptance_rate")  # drawn and tabulated for the engines that draft only
+
+
 def build_report(run: Path, cells: list[CellResult], meta: dict, out: Path, nvml_cell: str | None = None) -> list[Block]:
     ok = [r for r in cells if r.status == "ok"]
-    run_id = meta.get("run_id") or run.name
-    blocks = [Block("h1", f"specmoe-bench report: {run_id}")]
+    blocks = _intro_blocks(run, cells, meta)
+    if not ok:
+        blocks.append(Block("note", "no cell finished ok: nothing to tabulate or draw"))
+        return blocks + _problem_blocks(cells)
+    spec_cells = [r for r in ok if r.metrics.acceptance_rate is not None or r.metrics.drafted_tokens]
+    pts = {metric: collect(spec_cells if metric in SPECULATION else ok, lambda r, m=metric: metric_value(r, m))
+           for _, metric in TABLES if metric != "x"}
+    pts["tokens_per_s"] = collect(ok, lambda r: r.metrics.tokens_per_s, lambda r: sample_sd(r, "tokens_per_s"))
+    pts["x"] = speedups(ok)
+    blocks += _figure_blocks(ok, pts, out, nvml_cell)
+    blocks.append(Block("h2", "Tables"))  # one group per panel
+    for panel in sorted(pts["tokens_per_s"].keys() | pts["h2d_bytes_per_token"].keys()):
+        blocks.append(Block("h3", panel))
+        headline = summary_table(panel, pts)
+        if headline:
+            blocks.append(headline)
+        for title, metric in TABLES:
+            t = pivot(pts[metric], panel, metric)
+            if t:
+                blocks.append(Block("table", title, header=t[0], rows=t[1]))
+    return blocks + _problem_blocks(cells)
+
+
+def _intro_blocks(run: Path, cells: list[CellResult], meta: dict) -> list[Block]:
+    ok = [r for r in cells if r.status == "ok"]
+    blocks = [Block("h1", f"specmoe-bench report: {meta.get('run_id') or run.name}")]
     counts = {s: sum(r.status == s for r in cells) for s in ("ok", "failed", "skipped")}
     invalid = [r for r in ok if not r.valid]
     blocks.append(Block("p", f"{len(cells)} cells: {counts['ok']} ok ({len(invalid)} of them flagged invalid), "
                              f"{counts['failed']} failed, {counts['skipped']} skipped. Engines: "
-                             f"{', '.join(sorted({series_of(r) for r in cells}, key=_engine_rank))}. "
+                             f"{', '.join(sorted({series_name(r) for r in cells}, key=_engine_rank))}. "
                              f"Speedups are over `{REFERENCE_ENGINE}` at the same model, hardware and batch size."))
     env = next((r.environment for r in cells if r.environment), None) or meta.get("environment") or {}
     if env:
@@ -276,74 +276,42 @@ def build_report(run: Path, cells: list[CellResult], meta: dict, out: Path, nvml
     if any(r.config.hardware == "cpu" for r in ok):
         blocks.append(Block("note", "hardware `cpu` is functional: bytes, hit rates, tokens per step and acceptance "
                                     "are real; times are CPU times, not GPU times."))
-    if not ok:
-        blocks.append(Block("note", "no cell finished ok: nothing to tabulate or draw"))
-        return blocks + _problem_blocks(cells)
+    return blocks
 
-    tps = collect(ok, lambda r: r.metrics.tokens_per_s, lambda r: sample_sd(r, "tokens_per_s"))
-    sp = speedups(ok)
-    bpt = collect(ok, lambda r: r.metrics.h2d_bytes_per_token)
-    hit = collect(ok, lambda r: r.metrics.expert_hit_rate)
-    spec_cells = [r for r in ok if r.metrics.acceptance_rate is not None or r.metrics.drafted_tokens]
-    tpstep = collect(spec_cells, lambda r: r.metrics.tokens_per_step)
-    acc = collect(spec_cells, lambda r: r.metrics.acceptance_rate)
-    ttft = collect(ok, lambda r: r.metrics.ttft_ms)
-    tpot = collect(ok, lambda r: r.metrics.tpot_ms_p50)
-    match = collect(ok, lambda r: r.metrics.exact_match_rate)
-    energy = collect(ok, lambda r: nvml_value(r, "joules_per_token"))
 
-    # figures
-    colors = _colors(series_of(r) for r in ok)
-    blocks.append(Block("h2", "Figures"))
+def _figure_blocks(ok: list[CellResult], pts: dict[str, Points], out: Path, nvml_cell: str | None) -> list[Block]:
+    colors = _colors(series_name(r) for r in ok)
+    blocks = [Block("h2", "Figures")]
     out.mkdir(parents=True, exist_ok=True)
 
-    def figure(name: str, caption: str, drawn: bool, absent: str) -> None:
+    def figure(name: str, caption: str, rows: list, title: str, absent: str, hline: float | None = None) -> None:
+        drawn = panel_figure(out / name, rows, title, colors, hline=hline)
         blocks.append(Block("figure", caption, path=out / name) if drawn else Block("note", absent))
 
     figure("throughput.png", "Output tokens/s (end to end, prefill included) vs batch size; bars: sd over iterations",
-           panel_figure(out / "throughput.png", [(tps, "output tokens/s")], "Throughput", colors),
-           "no tokens/s measured in this run")
+           [(pts["tokens_per_s"], "output tokens/s")], "Throughput", "no tokens/s measured in this run")
     figure("speedup.png", f"Speedup in tokens/s over `{REFERENCE_ENGINE}`",
-           panel_figure(out / "speedup.png", [(sp, f"speedup over {REFERENCE_ENGINE} (x)")],
-                        f"Speedup over {REFERENCE_ENGINE}", colors, hline=1.0),
-           f"no `{REFERENCE_ENGINE}` cells to compare against: speedup not drawn")
-    vmax = max((v for ser in bpt.values() for pts in ser.values() for _, v, _ in pts), default=0)
-    unit, size = byte_unit(vmax)
+           [(pts["x"], f"speedup over {REFERENCE_ENGINE} (x)")], f"Speedup over {REFERENCE_ENGINE}",
+           f"no `{REFERENCE_ENGINE}` cells to compare against: speedup not drawn", hline=1.0)
+    bpt = pts["h2d_bytes_per_token"]
+    unit, size = byte_unit(max((v for ser in bpt.values() for p in ser.values() for _, v, _ in p), default=0))
     figure("h2d_bytes_per_token.png", "Host-to-device expert bytes per output token (counted by the engine)",
-           panel_figure(out / "h2d_bytes_per_token.png", [(scale_points(bpt, size), f"H2D {unit} per output token")],
-                        "Host-to-device traffic per token", colors),
+           [(scale_points(bpt, size), f"H2D {unit} per output token")], "Host-to-device traffic per token",
            "no host-to-device byte counts in this run")
     figure("speculation.png", "Tokens per step per sequence (bonus token included) and draft acceptance rate",
-           panel_figure(out / "speculation.png", [(tpstep, "tokens per step per sequence"),
-                                                  (scale_points(acc, 0.01), "acceptance rate (%)")],
-                        "Speculation", colors),
+           [(pts["tokens_per_step"], "tokens per step per sequence"),
+            (scale_points(pts["acceptance_rate"], 0.01), "acceptance rate (%)")], "Speculation",
            "no speculative engine in this run (no drafted tokens): tokens per step and acceptance not drawn")
     figure("energy_per_token.png", "Energy per output token (NVML energy counter)",
-           panel_figure(out / "energy_per_token.png", [(energy, "energy per output token (J)")], "Energy per token", colors),
+           [(pts["nvml.joules_per_token"], "energy per output token (J)")], "Energy per token",
            f"{no_nvml(ok)}: energy per token not drawn")
-    blocks += _timeline_blocks(ok, out, nvml_cell)
-
-    # tables, one group per panel
-    blocks.append(Block("h2", "Tables"))
-    for panel in sorted(tps.keys() | bpt.keys()):
-        blocks.append(Block("h3", panel))
-        headline = summary_table(panel, tps, sp, bpt, tpstep, match)
-        if headline:
-            blocks.append(headline)
-        for title, pts, how in [("Output tokens/s", tps, "g"), (f"Speedup over {REFERENCE_ENGINE}", sp, "x"),
-                                ("Host-to-device bytes per output token", bpt, "bytes"),
-                                ("Expert hit rate", hit, "pct"), ("Tokens per step per sequence", tpstep, "2f"),
-                                ("Acceptance rate", acc, "pct"), ("TTFT (ms)", ttft, "g"),
-                                ("TPOT p50 (ms)", tpot, "g"), ("Exact match with `resident`", match, "pct"),
-                                ("Energy per output token (J)", energy, "g")]:
-            t = pivot(pts, panel, how)
-            if t:
-                blocks.append(Block("table", title, header=t[0], rows=t[1]))
-    return blocks + _problem_blocks(cells)
+    return blocks + _timeline_blocks(ok, out, nvml_cell)
 
 
-def summary_table(panel: str, tps: Points, sp: Points, bpt: Points, tpstep: Points, match: Points) -> Block | None:
+def summary_table(panel: str, pts: dict[str, Points]) -> Block | None:
     """Every engine at the panel's largest batch size: the headline numbers side by side."""
+    tps, sp, bpt, tpstep, match = (pts[m] for m in ("tokens_per_s", "x", "h2d_bytes_per_token", "tokens_per_step",
+                                                     "exact_match_rate"))
     series = tps.get(panel, {})
     if not series:
         return None
@@ -357,8 +325,9 @@ def summary_table(panel: str, tps: Points, sp: Points, bpt: Points, tpstep: Poin
     for name in sorted(series, key=_engine_rank):
         nbytes = at(bpt, name)
         vs_ref = None if nbytes is None or not ref_bytes else f"{nbytes / ref_bytes - 1:+.1%}"
-        rows.append([name, fmt(at(tps, name)), fmt(at(sp, name), "x") if name != REFERENCE_ENGINE else "1.00x",
-                     fmt(nbytes, "bytes"), vs_ref or "-", fmt(at(tpstep, name), "2f"), fmt(at(match, name), "pct")])
+        rows.append([name, fmt(at(tps, name), "tokens_per_s"),
+                     fmt(at(sp, name), "x") if name != REFERENCE_ENGINE else "1.00x", fmt(nbytes, "h2d_bytes_per_token"),
+                     vs_ref or "-", fmt(at(tpstep, name), "tokens_per_step"), fmt(at(match, name), "exact_match_rate")])
     return Block("table", f"At batch size {batch}", rows=rows,
                  header=["engine", "tokens/s", f"speedup over {REFERENCE_ENGINE}", "H2D bytes/token",
                          f"bytes vs {REFERENCE_ENGINE}", "tokens/step", "exact match"])
@@ -377,7 +346,7 @@ def _timeline_blocks(ok: list[CellResult], out: Path, nvml_cell: str | None) -> 
     elif with_tl:
         # default: the largest batch of the full system, else of any engine
         cell = max(with_tl, key=lambda r: (r.config.engine == "specmoe", r.config.batch_size))
-    elif any(nvml_value(r, "samples") for r in ok):
+    elif any(metric_value(r, "nvml.samples") for r in ok):
         return [Block("note", "NVML bandwidth over time: this run kept NVML summaries only, no readings over time "
                               "(the tracker's keep_trace was off), so nothing is drawn")]
     else:
@@ -470,16 +439,22 @@ def render_html(blocks: list[Block]) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_report(run: str | Path, out: str | Path | None = None, nvml_cell: str | None = None) -> list[Path]:
+def write_report(run: str | Path, out: str | Path | None = None, nvml_cell: str | None = None,
+                 results_dir: Path = DEFAULT_RESULTS_DIR) -> list[Path]:
     """Write report.md, report.html and the PNG figures; returns the paths written."""
-    run_dir = resolve_run(run)
-    cells = load_run(run_dir)
-    out_dir = Path(out) if out else run_dir / "report"
-    blocks = build_report(run_dir, cells, load_run_meta(run_dir), out_dir, nvml_cell)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rundir = RunDir.open(run, results_dir)
+    out_dir = Path(out) if out else rundir.path / "report"
+    check_writable_dir(out_dir)
+    cells = rundir.results()
+    if not cells:
+        raise BadInput(f"run {str(run)!r}: no cell results in {rundir.cells_dir}")
     md, page = out_dir / "report.md", out_dir / "report.html"
-    md.write_text(render_markdown(blocks, out_dir))
-    page.write_text(render_html(blocks))
+    try:
+        blocks = build_report(rundir.path, cells, rundir.read_meta(on_corrupt=warn), out_dir, nvml_cell)
+        md.write_text(render_markdown(blocks, out_dir))
+        page.write_text(render_html(blocks))
+    except OSError as exc:
+        raise BadInput(f"output directory {out_dir}: cannot be written ({exc.strerror or exc})") from None
     return [md, page] + [b.path for b in blocks if b.kind == "figure"]
 
 
@@ -490,9 +465,11 @@ def write_report(run: str | Path, out: str | Path | None = None, nvml_cell: str 
 @click.option("--nvml-cell", default=None, metavar="CELL_KEY",
               help="Cell whose NVML readings over time are drawn. Default: the largest-batch specmoe cell that "
                    "has them, else any cell that has them.")
-def report_command(run, out, nvml_cell):
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RESULTS_DIR,
+              show_default=True, help="Directory that holds one sub-directory per run (where a run id is looked up).")
+def report_command(run, out, nvml_cell, results_dir):
     try:
-        paths = write_report(run, out, nvml_cell)
+        paths = write_report(run, out, nvml_cell, results_dir)
     except BadInput as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

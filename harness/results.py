@@ -5,24 +5,40 @@ read back into one tidy pandas table (a row per cell) and rendered by the one ta
     results/runs/<run-id>/cells/<key>.json   one CellResult per cell (schema harness.schema)
     results/runs/<run-id>/reference/         cached `resident` outputs for equivalence
     results/runs/<run-id>/logs/<key>.log     the cell process's stderr
+    results/runs/<run-id>/run.lock           held (flock) by the process running it, so a second run refuses
+
+Every command that reads a run (show, export, report, regress, resume) goes through RunDir: a corrupt or truncated
+cell file is skipped with a one-line warning naming it, and resume measures that cell again.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from engines.errors import BadInput
 
-from .schema import METRIC_FIELDS, CellConfig, CellResult
+from .schema import METRIC_FIELDS, CellConfig, CellResult, metric_fact
 
 DEFAULT_RESULTS_DIR = Path("results/runs")
 FINISHED = ("ok", "skipped", "failed")
+
+
+class ResultNotSaved(RuntimeError):
+    """A measured cell's result could not be written to its run directory; the message says where it went."""
+
+
+def warn(text: str) -> None:
+    """One line on stderr: something was passed over, and the command goes on."""
+    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -70,12 +86,21 @@ def cell_filename(cell: CellConfig) -> str:
     return re.sub(r"[^A-Za-z0-9._=,%\[\]+-]", "_", cell.key()) + ".json"
 
 
+def sort_cells(results: list[CellResult]) -> list[CellResult]:
+    """Cells in a reading order: by engine, model, hardware, workload, then batch size as a number."""
+    def order(r: CellResult):
+        c = r.config
+        return (c.engine, c.model, c.hardware, c.workload, c.dtype, c.model_layers or 0, c.batch_size, c.key())
+    return sorted(results, key=order)
+
+
 def new_run_id(label: str) -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + re.sub(r"[^A-Za-z0-9_-]", "_", label)
 
 
 class RunDir:
-    """One run on disk. Creating it checks that the location can be written before anything is measured."""
+    """One run on disk, the one API for writing and reading it. Creating it checks that the location can be
+    written before anything is measured."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -83,7 +108,6 @@ class RunDir:
         self.cells_dir = self.path / "cells"
         self.reference_dir = self.path / "reference"
         self.logs_dir = self.path / "logs"
-        self.tmp_dir = self.path / "tmp"
 
     @classmethod
     def create(cls, results_dir: Path, run_id: str) -> "RunDir":
@@ -91,9 +115,9 @@ class RunDir:
             raise BadInput(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only")
         run = cls(Path(results_dir) / run_id)
         try:
-            for d in (run.cells_dir, run.reference_dir, run.logs_dir, run.tmp_dir):
+            for d in (run.cells_dir, run.reference_dir, run.logs_dir):
                 d.mkdir(parents=True, exist_ok=True)
-            probe = run.tmp_dir / f".probe-{os.getpid()}"
+            probe = run.path / f".probe-{os.getpid()}"
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
@@ -108,17 +132,52 @@ class RunDir:
                 return cls(candidate)
         known = sorted(p.name for p in Path(results_dir).glob("*") if (p / "cells").is_dir())
         hint = f"; runs under {results_dir}: {', '.join(known[-5:])}" if known else f"; {results_dir} holds no runs"
-        raise BadInput(f"run {str(ref)!r}: not a run id or run directory{hint}")
+        raise BadInput(f"run {str(ref)!r}: not a run id or run directory (no such directory{hint})")
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold run.lock for as long as this process runs the run; BadInput at once when a live process holds it.
+        The kernel drops the lock of a process that died, so a stale lock file is simply taken over."""
+        fd = os.open(self.path / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise BadInput(f"run {self.id} in {self.path} is in use by process {holder}; wait for it to end or "
+                           "give another --run-id") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock; the file stays, so no second process can lock a vanished inode
 
     # -- run.json ---------------------------------------------------------------------------------------------
 
     def write_meta(self, meta: dict) -> None:
-        atomic_write_json(self.path / "run.json", meta)
-
-    def read_meta(self) -> dict:
         try:
-            return json.loads((self.path / "run.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            atomic_write_json(self.path / "run.json", meta)
+        except OSError as exc:
+            raise BadInput(f"{self.path / 'run.json'}: cannot be written ({exc.strerror or exc}); nothing was "
+                           "measured") from None
+
+    def read_meta(self, on_corrupt=None) -> dict:
+        """run.json ({} when there is none). A corrupt one raises BadInput saying so, or, given `on_corrupt`, is
+        reported through it and read as {}."""
+        f = self.path / "run.json"
+        try:
+            meta = json.loads(f.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            return meta
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            why = f"{f}: corrupt or unreadable run file ({exc})"
+            if on_corrupt is None:
+                raise BadInput(why) from None
+            on_corrupt(why)
             return {}
 
     # -- cells ------------------------------------------------------------------------------------------------
@@ -126,11 +185,17 @@ class RunDir:
     def cell_path(self, cell: CellConfig) -> Path:
         return self.cells_dir / cell_filename(cell)
 
-    def finished(self, cell: CellConfig) -> CellResult | None:
-        """The stored result of a cell, or None when it has not finished (or its file cannot be read)."""
+    def finished(self, cell: CellConfig, on_corrupt=None) -> CellResult | None:
+        """The stored result of a cell, or None when it has not finished; a file that cannot be read is reported
+        through `on_corrupt` (one line naming it) and counts as not finished, so the cell is measured again."""
+        path = self.cell_path(cell)
+        if not path.exists():
+            return None
         try:
-            result = read_cell(self.cell_path(cell))
-        except (OSError, ValueError, TypeError, KeyError):
+            result = read_cell(path)
+        except BadInput as exc:
+            if on_corrupt is not None:
+                on_corrupt(str(exc))
             return None
         return result if result.status in FINISHED else None
 
@@ -139,8 +204,16 @@ class RunDir:
         atomic_write_json(path, clean_floats(result.to_dict()))
         return path
 
-    def results(self) -> list[CellResult]:
-        return [read_cell(p) for p in sorted(self.cells_dir.glob("*.json"))]
+    def results(self, on_corrupt=warn) -> list[CellResult]:
+        """Every readable cell result, in file-name order; one that cannot be read is skipped and reported
+        through `on_corrupt` (a warning on stderr by default)."""
+        out = []
+        for p in sorted(self.cells_dir.glob("*.json")):
+            try:
+                out.append(read_cell(p))
+            except BadInput as exc:
+                on_corrupt(f"skipped {exc}")
+        return out
 
 
 def read_cell(path: Path) -> CellResult:
@@ -193,58 +266,67 @@ def row(result: CellResult, run_id: str | None = None) -> dict:
 def load_table(run: RunDir):
     """A whole run as one pandas DataFrame, one row per cell."""
     import pandas as pd
-    rows = [row(r, run.id) for r in run.results()]
+    rows = [row(r, run.id) for r in sort_cells(run.results())]
     return pd.DataFrame(rows)
 
 
 def export(run: RunDir, csv: Path | None = None, parquet: Path | None = None) -> list[Path]:
+    for path in (csv, parquet):
+        if path is not None:
+            check_writable(path)
     df = load_table(run)
     written = []
     for path, write in ((csv, lambda p: df.to_csv(p, index=False)), (parquet, lambda p: df.to_parquet(p, index=False))):
         if path is None:
             continue
-        check_writable(path)
-        write(path)
+        try:
+            write(path)
+        except OSError as exc:
+            raise BadInput(f"output path {path}: cannot be written ({exc.strerror or exc})") from None
         written.append(Path(path))
     return written
 
 
-def check_writable(path: str | Path) -> None:
-    """Raise BadInput now, before measuring, if `path` could not be written later."""
+def check_writable(path: str | Path, make_parents: bool = False) -> None:
+    """Raise BadInput now, before the work, if the file `path` could not be written later: by trying (a new
+    file is created and removed again), since permissions alone do not tell (/proc, a read-only mount, root).
+    make_parents: the command creates missing directories, so the nearest existing one must take them."""
     p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
         raise BadInput(f"output path {p}: is a directory")
+    parent = p.parent
+    if make_parents:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
     if not parent.is_dir():
-        raise BadInput(f"output path {p}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise BadInput(f"output path {p}: not writable")
+        raise BadInput(f"output path {p}: directory {p.parent} does not exist")
+    probe = p if p.parent == parent else parent / f".probe-{os.getpid()}"
+    existed = probe.exists()
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_APPEND | (0 if existed else os.O_CREAT | os.O_EXCL), 0o644))
+        if not existed:
+            probe.unlink()
+    except OSError as exc:
+        raise BadInput(f"output path {p}: not writable ({exc.strerror or exc})") from None
+
+
+def check_writable_dir(path: str | Path) -> None:
+    """The same for an output directory (created if missing, as the command would)."""
+    d = Path(path)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"output directory {d}: cannot be created ({exc.strerror or exc})") from None
+    check_writable(d / "report.md")
 
 
 # -- rendering: the one text table renderer ----------------------------------------------------------------------
 
-# Metrics shown side by side per engine, with how to print each and whether larger is better.
-COMPARE_METRICS = [
-    ("tokens_per_s", "{:.1f}"), ("decode_tokens_per_s", "{:.1f}"), ("ttft_ms", "{:.1f}"),
-    ("tpot_ms_p50", "{:.2f}"), ("tpot_ms_p99", "{:.2f}"), ("h2d_bytes_per_token", "bytes"),
-    ("h2d_gb_per_s", "{:.1f}"), ("expert_hit_rate", "{:.3f}"), ("tokens_per_step", "{:.2f}"),
-    ("acceptance_rate", "{:.3f}"), ("bound_tokens_per_s", "{:.1f}"), ("pct_of_bound", "{:.1%}"),
-    ("bound", "str"), ("equivalent", "bool"),
-]
+# Metrics shown side by side per engine; each prints per its facts (harness.schema.METRIC_FACTS).
+COMPARE_METRICS = ["tokens_per_s", "decode_tokens_per_s", "ttft_ms", "tpot_ms_p50", "tpot_ms_p99",
+                   "h2d_bytes_per_token", "h2d_gb_per_s", "expert_hit_rate", "tokens_per_step", "acceptance_rate",
+                   "bound_tokens_per_s", "pct_of_bound", "bound", "equivalent"]
 GPU_ONLY = {"bound_tokens_per_s", "pct_of_bound", "bound"}  # rows left out of a table in which no cell has them
-
-
-def fmt(value, how: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if how == "bool":
-        return "yes" if value else "no"
-    if how == "str":
-        return str(value)
-    if how == "bytes":
-        from engines.hardware import format_bytes
-        return format_bytes(value)
-    return how.format(value)
 
 
 def render_table(header: list[str], rows: list[list[str]]) -> str:
@@ -256,48 +338,75 @@ def render_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _numeric(text) -> bool:
-    return bool(re.fullmatch(r"-?[0-9][0-9.]*(e[+-]?[0-9]+)?( (B|KiB|MiB|GiB))?( \([0-9.]+x\))?", str(text)))
+    return bool(re.fullmatch(r"-?[0-9][0-9.,]*(e[+-]?[0-9]+)?(%| (B|KiB|MiB|GiB|TiB))?( \([0-9.]+x\))?", str(text)))
 
 
 def comparison_table(results: list[CellResult], engines: list[str] | None = None) -> str:
     """Engines side by side, one row per (model, hardware, workload, batch size, metric); each engine's value
-    followed by its ratio to the first engine (for every metric except booleans)."""
+    followed by its ratio to the first engine (for every metric except booleans). Cells are grouped as `report`
+    groups them: an engine with its options is one column, and cells that differ in any other setting (dtype,
+    layers, lengths, ...) are rows of their own, so no cell overwrites another."""
     if not results:
         return "(no cells)"
-    if engines is None:
-        engines = list(dict.fromkeys(r.config.engine for r in results))
+    columns = list(dict.fromkeys(series_name(r) for r in results))
+    if engines is not None:  # the order asked for, by engine; an engine's option variants stay together
+        columns = sorted(columns, key=lambda s: (engines.index(s.split("[")[0]) if s.split("[")[0] in engines
+                                                 else len(engines), columns.index(s)))
+    varying = [n for n in varying_settings(results) if n != "workload"]  # the workload is in the label
     groups: dict[tuple, dict[str, CellResult]] = {}
     for r in results:
-        c = r.config
-        groups.setdefault((c.model, c.hardware, c.workload, c.batch_size), {})[c.engine] = r
-    header = ["model", "hardware", "batch", "metric"] + [e if i == 0 else f"{e} (x {engines[0]})"
-                                                         for i, e in enumerate(engines)]
+        groups.setdefault(comparable_key(r.config), {})[series_name(r)] = r
+    header = ["model", "hardware", "batch", "metric"] + [e if i == 0 else f"{e} (x {columns[0]})"
+                                                         for i, e in enumerate(columns)]
     rows = []
-    for (model, hw, workload, batch), by_engine in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
-                                                                                          kv[0][2], kv[0][3])):
-        base = by_engine.get(engines[0])
-        notes = {e: _status_note(r) for e, r in by_engine.items()}
-        shown = [(m, how) for m, how in COMPARE_METRICS
-                 if m not in GPU_ONLY or any(getattr(r.metrics, m) is not None for r in by_engine.values())]
-        for i, (metric, how) in enumerate(shown):
-            cells = []
-            for j, e in enumerate(engines):
-                r = by_engine.get(e)
-                if r is None:
-                    cells.append("")
-                    continue
-                if notes[e]:
-                    cells.append(notes[e] if i == 0 else "")
-                    continue
-                v = getattr(r.metrics, metric)
-                text = fmt(v, how)
-                b = getattr(base.metrics, metric) if base is not None and base.status == "ok" else None
-                if j > 0 and how not in ("bool", "str") and v is not None and b:
-                    text += f" ({v / b:.2f}x)"
-                cells.append(text)
-            label = model if workload == "synthetic-ids" else f"{model} [{workload}]"
+    for key, by_series in sorted(groups.items(), key=lambda kv: [str(x) if not isinstance(x, int) else
+                                                                  f"{x:012d}" for x in kv[0]]):
+        c = next(iter(by_series.values())).config
+        label = c.model if c.workload == "synthetic-ids" else f"{c.model} [{c.workload}]"
+        label += "".join(f" {n}={getattr(c, n)}" for n in varying)
+        hw, batch = c.hardware, c.batch_size
+        shown = [m for m in COMPARE_METRICS
+                 if m not in GPU_ONLY or any(getattr(r.metrics, m) is not None for r in by_series.values())]
+        for i, metric in enumerate(shown):
+            cells = [_compare_cell(by_series, s, columns[0], metric, first_row=i == 0) for s in columns]
             rows.append([label if i == 0 else "", hw if i == 0 else "", str(batch) if i == 0 else "", metric] + cells)
     return render_table(header, rows)
+
+
+def _compare_cell(by_series: dict[str, CellResult], series: str, first: str, metric: str, first_row: bool) -> str:
+    r = by_series.get(series)
+    if r is None:
+        return ""
+    if r.status != "ok":
+        return _status_note(r) if first_row else ""
+    fact = metric_fact(metric)
+    v = getattr(r.metrics, metric)
+    text = fact.text(v)
+    base = by_series.get(first)
+    b = getattr(base.metrics, metric) if base is not None and base.status == "ok" else None
+    if series != first and fact.format not in ("bool", "text") and v is not None and b:
+        text += f" ({v / b:.2f}x)"
+    return text
+
+
+def comparable_key(c: CellConfig) -> tuple:
+    """What two cells of different engines must share to be compared side by side: every setting but the
+    engine and its options (batch size last, so that sorting by it orders the batch sizes)."""
+    return (c.model, c.hardware, c.workload, c.dtype, c.model_layers or 0, c.prompt_len, c.max_new_tokens,
+            c.temperature, c.top_p, c.seed, c.batch_size)
+
+
+def series_name(r: CellResult) -> str:
+    """The engine with its options, spelled as in the cell key: lru[capacity=3]."""
+    opts = ",".join(f"{k}={v}" for k, v in sorted(r.config.engine_options.items()))
+    return r.config.engine + (f"[{opts}]" if opts else "")
+
+
+def varying_settings(results: list[CellResult]) -> list[str]:
+    """Config fields besides engine, options, batch, model and hardware that differ across the cells: they split
+    what is compared (a table's rows, a report's panels)."""
+    names = ["workload", "dtype", "model_layers", "prompt_len", "max_new_tokens", "temperature", "seed"]
+    return [n for n in names if len({getattr(r.config, n) for r in results}) > 1]
 
 
 def _status_note(r: CellResult) -> str:

@@ -1,7 +1,6 @@
 """The shared runtime and the baseline engines: same tokens as `resident`, exact byte counts, plug-ins, bad input."""
 from __future__ import annotations
 
-import copy
 import random
 import sys
 import textwrap
@@ -49,11 +48,12 @@ def test_every_engine_gives_the_reference_tokens(reference_run, name, options):
     model, prompts, settings, ref_tokens, ref_logits = reference_run
     engine = loaded(name, options, model)
     engine.prepare(prompts, settings)
-    eq = check_engine(engine, prompts, settings, ref_tokens, ref_logits)
+    tokens = engine.generate(prompts, settings).tokens
+    eq = check_engine(engine, prompts, settings, ref_tokens, ref_logits, tokens=tokens)
     assert eq.equivalent, eq.first_divergence
     assert eq.teacher_forced_top1 == 1.0
     assert eq.max_abs_logit_diff == 0.0
-    assert all(len(t) == settings.max_new_tokens for t in ref_tokens)
+    assert tokens == ref_tokens and all(len(t) == settings.max_new_tokens for t in tokens)
 
 
 def test_accelerate_says_why_it_cannot_run_on_cpu():
@@ -62,11 +62,18 @@ def test_accelerate_says_why_it_cannot_run_on_cpu():
 
 
 def test_accelerate_teacher_forcing_scores_like_the_runtime(reference_run):
-    """The accelerate peer's teacher forcing (plain HF forward over prompt + continuation) gives the runtime's
-    logits; the engine only loads on CUDA, so its model is set directly here."""
+    """The accelerate peer, loaded as it ships (save_pretrained, then from_pretrained with a device_map through
+    accelerate), scores teacher-forced continuations as the runtime does. Its load refuses a CPU cell, so the
+    hardware here says CUDA while accelerate, finding no GPU, maps every weight to the CPU."""
+    pytest.importorskip("accelerate")
     model, prompts, _, ref_tokens, ref_logits = reference_run
+
+    class CudaOnCpu(HardwareProfile):
+        is_cuda = property(lambda self: True)
+
     engine = AccelerateEngine()
-    engine.model, engine.device = copy.deepcopy(load_model(model).model), torch.device("cpu")
+    engine.load(load_model(model), CudaOnCpu(spec="cuda", device="cpu"))
+    assert {p.device.type for p in engine.model.parameters()} == {"cpu"}
     logits = engine.teacher_forced_logits(prompts, teacher_forcing_inputs(prompts, ref_tokens))
     assert logits.shape == ref_logits.shape
     assert (logits - ref_logits).abs().max() < 1e-4

@@ -43,7 +43,7 @@ def test_metrics_of_plain_decoding():
 def test_the_runner_times_the_garbage_collector_inside_a_call():
     import gc
 
-    from harness.runner import GcTimer
+    from harness.cell import GcTimer
     with GcTimer() as timer:
         junk = [[i] for i in range(200_000)]
         gc.collect()
@@ -146,3 +146,40 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise():
             assert "\r" in text and "8/24 tokens" in text and "1/2 cells" not in text.split("\n")[-1]
         else:
             assert "\r" not in text and "\033" not in text and text.count("\n") == 2
+
+
+def test_comparison_table_keeps_cells_that_differ_in_options_or_dtype_apart():
+    """Old code grouped by (model, hardware, workload, batch) and engine: the second lru cell overwrote the first."""
+    a, b = result("lru", 1, 10.0), result("lru", 1, 20.0)
+    b.config.engine_options = {"capacity": "50%"}
+    c = result("lru", 1, 30.0)
+    c.config.dtype = "bfloat16"
+    text = comparison_table([a, b, c], ["lru"])
+    assert "lru[capacity=50%] (x lru)" in text.splitlines()[0]
+    rows = [ln for ln in text.splitlines() if " tokens_per_s " in ln]
+    assert len(rows) == 2 and "dtype=bfloat16" in text  # one row per dtype
+    assert any("10.0" in ln and "20.0 (2.00x)" in ln for ln in rows) and any("30.0" in ln for ln in rows)
+
+
+def test_quiet_draws_nothing_even_on_a_terminal():
+    import io
+
+    from harness.progress import Progress
+    cell = CellConfig(engine="lru", model="tiny-mixtral-random", batch_size=2, hardware="cpu")
+    out = io.StringIO()
+    p = Progress(stream=out, tty=True, quiet=True)
+    p.start(1)
+    p.cell_start(cell)
+    p.cell_progress({"phase": "measure", "tokens": 8})
+    p.cell_done(cell, result("lru", 2, 12.5))
+    p.finish()
+    assert out.getvalue() == ""  # old code drew the bar
+    p.note("cells/x.json: corrupt")
+    assert out.getvalue() == "warning: cells/x.json: corrupt\n"  # warnings still show
+
+
+def test_flat_table_sorts_batch_sizes_as_numbers():
+    from harness.cli import flat_table
+    text = flat_table([result("lru", b, 1.0) for b in (16, 2, 1, 4)])
+    batches = [ln.split()[2] for ln in text.splitlines()[2:]]
+    assert batches == ["1", "2", "4", "16"]  # old code: 1, 16, 2, 4 (file-name order)

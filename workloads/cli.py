@@ -6,6 +6,7 @@ import json
 import click
 
 from engines.errors import BadInput
+from engines.hardware import format_bytes
 
 
 def _usage(exc: BadInput) -> click.UsageError:
@@ -82,12 +83,15 @@ def info_cmd(name, layers, dtype, build):
             m = load_model(name, dtype=dt, layers=layers)
             from engines.runtime import find_experts_modules
             experts = find_experts_modules(m.model)
+            if not experts:
+                raise BadInput(f"model {name!r} has no MoE layers with fused experts")
             per = [sum(p.nbytes for p in mod.parameters(recurse=False)
                        if p.dim() >= 2 and p.shape[0] == mod.num_experts) for _, mod in experts]
             row = dict(name=name, source=m.source, layers=f"{m.layers_loaded}/{m.layers_total}",
                        moe_layers=len(experts), experts_per_layer=experts[0][1].num_experts,
                        expert_bytes=per[0] // experts[0][1].num_experts, total_expert_bytes=sum(per),
-                       non_expert_bytes=sum(p.nbytes for p in m.model.parameters()) - sum(per), **m.notes)
+                       non_expert_bytes=sum(p.nbytes for p in m.model.parameters()) - sum(per))
+            row.update({k: v for k, v in m.notes.items() if k not in row})  # a preset's notes repeat its bytes
     except BadInput as exc:
         raise _usage(exc) from None
     for key, value in row.items():
@@ -109,20 +113,20 @@ def list_models_rows() -> list[dict]:
                                                            "train on a GPU: specmoe-bench model train --preset small")
         per_expert = 3 * p.hidden_size * p.intermediate_size * (4 if p.save_dtype == "float32" else 2)
         rows.append(dict(name=name, source="trained", description=p.description,
-                         sizes=f"{p.layers} layers x {p.experts} experts, expert {_fmt(per_expert)} "
+                         sizes=f"{p.layers} layers x {p.experts} experts, expert {format_bytes(per_expert)} "
                                f"({p.save_dtype}); {status}"))
     for name, (factory, description) in SYNTHETIC.items():
         r = shape_report(factory())
         rows.append(dict(name=name, source="synthetic", description=description,
                          sizes=f"{r.moe_layers} layers x {r.experts_per_layer} experts, "
-                               f"expert {_fmt(r.bytes(_f32())['expert_bytes'])} (float32)"))
+                               f"expert {format_bytes(r.bytes(_f32())['expert_bytes'])} (float32)"))
     for name, preset in PRESETS.items():
         r = shape_report(preset_config(name))
         b = r.bytes()
         rows.append(dict(name=name, source="synthetic", description=preset.description,
                          sizes=f"{r.total_params / 1e9:.1f}B params; {r.moe_layers} MoE layers x {r.experts_per_layer}"
-                               f" experts, expert {_fmt(b['expert_bytes'])},"
-                               f" all experts {_fmt(b['total_expert_bytes'])}"
+                               f" experts, expert {format_bytes(b['expert_bytes'])},"
+                               f" all experts {format_bytes(b['total_expert_bytes'])}"
                                f" (bf16); use --layers K"))
     return rows
 
@@ -133,20 +137,14 @@ def list_workloads_rows() -> list[dict]:
     for name, description in BUILTIN.items():
         s = workload_sizes(name)
         rows.append(dict(name=name, source="builtin", description=description,
-                         sizes=f"{s['texts']} texts, {s['chars'] / 1e3:.0f}K chars"))
+                         sizes=f"{s['texts']} texts, {s['chars'] / 1e3:.0f}K chars" if s["texts"] else
+                         "batch_size prompts of about prompt_len ids"))
     rows.append(dict(name="PATH.json|.jsonl|.parquet|.csv|.txt", source="file",
                      description="a local file loaded through datasets: one prompt per row of its 'text' column",
                      sizes="rows of the file"))
     rows.append(dict(name="org/name", source="hub", description="a hub dataset with a 'text' column (needs network)",
                      sizes="rows of its train split"))
     return rows
-
-
-def _fmt(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def _f32():

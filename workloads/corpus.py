@@ -126,21 +126,45 @@ def _read_text(path: Path) -> str | None:
 
 def load_text_rows(path: Path, text_column: str = "text") -> list[str]:
     """Rows of one local file through `datasets` (json, jsonl, parquet, csv, txt). BadInput when the file cannot
-    be parsed or lacks the column."""
+    be parsed (a JSON-lines file names its first broken line) or lacks the column."""
+    import logging
+
     import datasets
     builder = DATASET_SUFFIXES.get(path.suffix.lower(), "text")
+    if path.suffix.lower() == ".jsonl":
+        _check_json_lines(path)
     datasets.disable_progress_bars()
+    quiet = logging.getLogger("datasets")
+    level, quiet.level = quiet.level, logging.CRITICAL  # datasets logs its own traceback-like line first
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for a malformed file
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        cause = exc.__cause__ or exc
+        first = (str(cause).splitlines() or [type(cause).__name__])[0]
         raise BadInput(f"file {str(path)!r} could not be read as {builder} ({first[:200]})") from None
+    finally:
+        quiet.setLevel(level)
     if builder == "text":
         text_column = "text"  # the text builder names its one column so
     if text_column not in ds.column_names:
         raise BadInput(f"file {str(path)!r} has columns {ds.column_names}; expected a {text_column!r} column "
                        "holding the prompt text")
     return [str(t) if t is not None else "" for t in ds[text_column]]
+
+
+def _check_json_lines(path: Path) -> None:
+    import json
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"file {str(path)!r} cannot be read ({exc})") from None
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadInput(f"file {str(path)!r}: line {i} is not JSON ({exc.msg}); each line must be one "
+                               "JSON object with a 'text' field") from None
 
 
 def docstrings(text: str) -> list[str]:

@@ -88,51 +88,123 @@ def build_from_config(config: PretrainedConfig, seed: int = 0, dtype: torch.dtyp
     return model.eval()
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, layers: int | None = None, seed: int = 0) -> LoadedModel:
-    """Resolve a --model value. Raises BadInput for a name that is neither a preset, a directory nor a hub id."""
+def resolve_model(name: str) -> tuple[str, str]:
+    """What a --model value is: (kind, ref) with kind synthetic | preset | trained | checkpoint (ref: the
+    directory) | hub (ref: the id). The one place a model name is resolved; the checks before a run and the loader
+    both call it. BadInput for anything else."""
     if name in SYNTHETIC:
+        return "synthetic", name
+    if name in PRESETS:
+        return "preset", name
+    if name in TRAINED:
+        return "trained", name
+    path = Path(name).expanduser()
+    if path.is_dir() or (os.sep in name and name.count("/") != 1) or name.startswith((".", "~", "/")):
+        if not (path / "config.json").is_file():
+            where = "that directory" if path.is_dir() else "no such directory"
+            raise BadInput(f"model {name!r}: no config.json ({where}); give a checkpoint saved with "
+                           f"save_pretrained or one of: {', '.join(known_models())}")
+        return "checkpoint", str(path)
+    if name.count("/") == 1:
+        return "hub", name
+    raise BadInput(f"unknown model {name!r}{did_you_mean(name, known_models())}; "
+                   f"allowed: {', '.join(known_models())}, a local checkpoint directory or a hub id org/name")
+
+
+def model_config(name: str) -> PretrainedConfig:
+    """The full model's config, without weights (a hub id needs the hub or the local hub cache)."""
+    kind, ref = resolve_model(name)
+    if kind == "synthetic":
+        return SYNTHETIC[name][0]()
+    if kind == "preset":
+        from .presets import preset_config
+        return preset_config(name)
+    if kind == "trained":
+        from .train import TRAIN_PRESETS
+        return TRAIN_PRESETS[name].model_config()
+    if kind == "hub":
+        _check_hub_reachable(ref, "model")
+    return _config(ref, name)
+
+
+def check_model(name: str, layers: int | None = None, dtype: str = "float32") -> None:
+    """Validation before a run, without loading weights: the name resolves, its config loads (and asks to run
+    no code of its own), --layers fits it, a preset fits in host memory, and it has MoE layers that the engines
+    can offload."""
+    from .presets import shape_report
+    config, _, _ = _with_layers(model_config(name), layers)
+    if name in PRESETS:
+        check_preset_fits(name, layers, getattr(torch, dtype))
+    try:
+        moe_layers = shape_report(config).moe_layers
+    except Exception as exc:  # noqa: BLE001 - a config transformers cannot build a model from
+        raise BadInput(f"model {name!r}: transformers cannot build a causal LM from its config "
+                       f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})") from None
+    if not moe_layers:
+        raise BadInput(f"model {name!r} ({config.model_type}) has no MoE layers with fused experts that the engines "
+                       "could offload; give a Mixture-of-Experts checkpoint")
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, layers: int | None = None, seed: int = 0) -> LoadedModel:
+    """Resolve a --model value and load it. Raises BadInput for a name that is neither a preset, a directory
+    nor a hub id."""
+    kind, ref = resolve_model(name)
+    if kind == "synthetic":
         config, loaded, total = _with_layers(SYNTHETIC[name][0](), layers)
         return LoadedModel(build_from_config(config, seed, dtype), name, "synthetic",
                            layers_loaded=loaded, layers_total=total, notes=dict(synthetic=True))
-    if name in PRESETS:
+    if kind == "preset":
         return _load_preset(name, dtype, layers, seed)
-    if name in TRAINED:
+    if kind == "trained":
         from .train import trained_checkpoint
         # The weights are fixed by training (seed 0); `seed` does not retrain another model.
         loaded = _from_pretrained(str(trained_checkpoint(name)), name, "trained", dtype, layers)
         loaded.notes.update(_training_notes(Path(loaded.notes["checkpoint"])))
         return loaded
-    path = Path(name).expanduser()
-    if path.is_dir() or (os.sep in name and name.count("/") != 1) or name.startswith((".", "~", "/")):
-        if not (path / "config.json").is_file():
-            raise BadInput(f"model {name!r}: no config.json in that directory; "
-                           f"give a checkpoint saved with save_pretrained or one of: {', '.join(known_models())}")
-        source = "checkpoint"
-    elif name.count("/") == 1:
-        source = "hub"
-    else:
-        raise BadInput(f"unknown model {name!r}{did_you_mean(name, known_models())}; "
-                       f"allowed: {', '.join(known_models())}, a local checkpoint directory or a hub id org/name")
-    return _from_pretrained(str(path) if source == "checkpoint" else name, name, source, dtype, layers)
+    return _from_pretrained(ref, name, kind, dtype, layers)
+
+
+def _config(ref: str, name: str) -> PretrainedConfig:
+    """A checkpoint's config. trust_remote_code=False: code that comes with a checkpoint never runs here."""
+    try:
+        return AutoConfig.from_pretrained(ref, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+            raise BadInput(f"model {name!r} needs the Python code that comes with the checkpoint (auto_map); "
+                           "specmoe-bench never runs a checkpoint's own code (trust_remote_code=False)") from None
+        raise BadInput(f"model {name!r}: its config cannot be loaded ({text[:200]})") from None
+
+
+def _weights(ref: str) -> tuple[dict, dict]:
+    """from_pretrained arguments and model notes for a local checkpoint: safetensors in preference to pickle; a
+    pickle-only checkpoint is read with torch.load(weights_only=True), so no code in it runs, and says so."""
+    path = Path(ref)
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return dict(use_safetensors=None, weights_only=True), {}
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    if not pickles:
+        return dict(use_safetensors=None, weights_only=True), {}
+    return dict(use_safetensors=False, weights_only=True), {
+        "weights": f"pickle ({', '.join(pickles[:3])}) loaded with torch.load(weights_only=True): tensors only, "
+                   "no code run; safetensors is preferred where a checkpoint has it"}
 
 
 def _from_pretrained(ref: str, name: str, source: str, dtype, layers) -> LoadedModel:
     """The single loading path for a local directory and a hub id (transformers resolves both)."""
     if source == "hub":
         _check_hub_reachable(ref, "model")
-    try:
-        config = AutoConfig.from_pretrained(ref)
-    except OSError as exc:
-        raise BadInput(f"model {name!r} could not be loaded ({str(exc).splitlines()[0]})") from None
-    config, loaded, total = _with_layers(config, layers)
-    model = AutoModelForCausalLM.from_pretrained(ref, config=config, dtype=dtype).eval()
+    config, loaded, total = _with_layers(_config(ref, name), layers)
+    kw, notes = _weights(ref)
+    model = AutoModelForCausalLM.from_pretrained(ref, config=config, dtype=dtype, trust_remote_code=False,
+                                                 **kw).eval()
     tokenizer = None
     try:
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(ref)
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
     except (OSError, ValueError, TypeError):
         pass
-    notes = {"checkpoint": ref} if source != "hub" else {"hub_id": ref}
+    notes.update({"checkpoint": ref} if source != "hub" else {"hub_id": ref})
     if loaded != total:
         notes["layers"] = f"{loaded} of {total} decoder layers loaded"
     return LoadedModel(model, name, source, tokenizer, layers_loaded=loaded, layers_total=total, notes=notes)
@@ -175,9 +247,9 @@ def _training_notes(path: Path) -> dict:
     return {k: info[k] for k in keep if k in info}
 
 
-def _load_preset(name: str, dtype: torch.dtype, layers: int | None, seed: int) -> LoadedModel:
-    """A public model's shapes with random weights; only `layers` decoder layers are built."""
-    from .presets import PRESETS, build_random, host_memory_bytes, preset_config, shape_report, with_layers
+def check_preset_fits(name: str, layers: int | None, dtype: torch.dtype) -> None:
+    """BadInput, with the --layers that would fit, when a preset's random weights do not fit in host memory."""
+    from .presets import host_memory_bytes, preset_config, shape_report, with_layers
     full = preset_config(name)
     config, loaded, total = with_layers(full, layers)
     need = shape_report(config).bytes(dtype)["total_bytes"]
@@ -190,6 +262,14 @@ def _load_preset(name: str, dtype: torch.dtype, layers: int | None, seed: int) -
         raise BadInput(f"model {name!r} with {loaded} layers needs {need / 2**30:.1f} GiB in {str(dtype)[6:]}; "
                        f"this machine has {have / 2**30:.1f} GiB: use --layers K with K <= {min(fits, total)} "
                        "or a smaller dtype")
+
+
+def _load_preset(name: str, dtype: torch.dtype, layers: int | None, seed: int) -> LoadedModel:
+    """A public model's shapes with random weights; only `layers` decoder layers are built."""
+    from .presets import PRESETS, build_random, preset_config, shape_report, with_layers
+    full = preset_config(name)
+    config, loaded, total = with_layers(full, layers)
+    check_preset_fits(name, layers, dtype)
     full_bytes, here = shape_report(full).bytes(dtype), shape_report(config).bytes(dtype)
     notes = dict(synthetic=True, preset=name, shapes_of=PRESETS[name].hub_id,
                  expert_bytes=here["expert_bytes"], total_expert_bytes=here["total_expert_bytes"],

@@ -177,10 +177,6 @@ def _fill_from_pool(flat: torch.Tensor, pool: torch.Tensor, gen: torch.Generator
         pos += take
 
 
-def host_bytes_needed(config: PretrainedConfig, dtype: torch.dtype) -> int:
-    return shape_report(config).bytes(dtype)["total_bytes"]
-
-
 def host_memory_bytes() -> int:
     import os
     try:

@@ -1,6 +1,6 @@
 """Workloads: prompt sets as token ids, with a prompt length and an output length.
 
-Built in: `code-heldout` (windows of standard-library source files the trained checkpoints never saw) and
+Built in: `synthetic-ids` (seeded random ids, no text), `code-heldout` (windows of standard-library source files the trained checkpoints never saw) and
 `docs-heldout` (docstrings of those files: natural language). Any local .json/.jsonl/.parquet/.csv/.txt file
 is loaded through `datasets` (one prompt per row of its `text` column, or per line of a .txt); a hub dataset
 name works when the hub is reachable and fails fast with one line when it is not.
@@ -15,6 +15,7 @@ from engines.errors import BadInput
 from .corpus import DATASET_SUFFIXES, docstrings, load_text_rows, stdlib_corpus
 
 BUILTIN = {
+    "synthetic-ids": "seeded random token ids, lengths within +-25% of prompt_len (no text)",
     "code-heldout": "held-out Python standard-library source files (never trained on): code completion",
     "docs-heldout": "docstrings of the held-out standard-library files: natural-language documentation text",
 }
@@ -33,36 +34,46 @@ class Workload(list):
         self.tokenization = tokenization  # the model's tokenizer, or bytes for a model without one
         self.notes = dict(notes or {})
 
-    @property
-    def prompts(self) -> list[list[int]]:
-        return list(self)
-
     def metadata(self) -> dict:
         return dict(workload=self.name, workload_source=self.source, prompt_len=self.prompt_len,
                     output_len=self.output_len, tokenization=self.tokenization, **self.notes)
-
-    def settings(self, **kw):
-        from engines.runtime import SamplingSettings
-        return SamplingSettings(max_new_tokens=self.output_len, **kw)
 
 
 def known_workloads() -> list[str]:
     return list(BUILTIN)
 
 
-def check_workload(name: str) -> None:
-    """Cheap validation before a run (no model, no tokenizer): BadInput for a name that cannot be a workload."""
+ALLOWED = "a local .json/.jsonl/.parquet/.csv/.txt file or a hub dataset org/name"
+
+
+def resolve_workload(name: str) -> tuple[str, str]:
+    """What a workload name is: ("builtin", name), ("file", path) or ("hub", name). The one place a workload
+    name is resolved; the checks before a run and the loader both call it. BadInput for anything else."""
+    if name in BUILTIN:
+        return "builtin", name
     path = Path(name).expanduser()
-    if name in BUILTIN or path.is_file():
-        return
-    if path.suffix.lower() in DATASET_SUFFIXES or path.suffix.lower() == ".txt" or name.startswith((".", "/", "~")):
+    if path.is_file():
+        return "file", str(path)
+    if path.exists() or path.suffix.lower() in DATASET_SUFFIXES or path.suffix.lower() == ".txt" \
+            or name.startswith((".", "/", "~")):
         raise BadInput(f"workload {name!r}: no such file; give a .json/.jsonl/.parquet/.csv/.txt file or one of: "
                        f"{', '.join(BUILTIN)}")
-    if name.count("/") != 1:
-        from .models import did_you_mean
-        raise BadInput(f"unknown workload {name!r}{did_you_mean(name, BUILTIN)}; allowed: {', '.join(BUILTIN)}, a "
-                       "local .json/.jsonl/.parquet/.csv/.txt file or a hub dataset org/name")
-    _require_hub(name)
+    if name.count("/") == 1:
+        return "hub", name
+    from .models import did_you_mean
+    raise BadInput(f"unknown workload {name!r}{did_you_mean(name, BUILTIN)}; allowed: {', '.join(BUILTIN)}, "
+                   f"{ALLOWED}")
+
+
+def check_workload(name: str, text_column: str = "text") -> None:
+    """Validation before a run (no model, no tokenizer): BadInput for a name that cannot be a workload, a file
+    that does not parse or has no text column or no text, a hub dataset that cannot be reached."""
+    kind, ref = resolve_workload(name)
+    if kind == "file":
+        if not any(t.strip() for t in load_text_rows(Path(ref), text_column)):
+            raise BadInput(f"workload {name!r} has no non-empty text in column {text_column!r}")
+    elif kind == "hub":
+        _require_hub(name)
 
 
 def builtin_texts(name: str) -> list[str]:
@@ -70,7 +81,9 @@ def builtin_texts(name: str) -> list[str]:
     held = [d for d in stdlib_corpus().split()[1]]
     if name == "code-heldout":
         return [d.text for d in held]
-    return [doc for d in held for doc in docstrings(d.text)]
+    if name == "docs-heldout":
+        return [doc for d in held for doc in docstrings(d.text)]
+    raise BadInput(f"workload {name!r} is not a built-in text workload")
 
 
 def load_workload(name_or_path: str, tokenizer=None, num_prompts: int | None = None, prompt_len: int = 64,
@@ -91,6 +104,12 @@ def load_workload(name_or_path: str, tokenizer=None, num_prompts: int | None = N
                               ("output_len", output_len, 1)):
         if value < low:
             raise BadInput(f"{label}={value}: must be at least {low}")
+    if name_or_path == "synthetic-ids":
+        if not vocab_size:
+            raise BadInput("workload 'synthetic-ids' needs vocab_size (or the model) to draw token ids")
+        return Workload(name_or_path, "builtin", synthetic_prompts(num_prompts, prompt_len, vocab_size, seed),
+                        prompt_len, output_len, f"random ids in [1, {vocab_size})",
+                        dict(description=BUILTIN[name_or_path]))
     if tokenizer is None and not vocab_size:
         raise BadInput("a model without a tokenizer needs vocab_size to turn text into ids")
     encode, tokenization = _encoder(tokenizer, vocab_size)
@@ -104,25 +123,29 @@ def load_workload(name_or_path: str, tokenizer=None, num_prompts: int | None = N
                         dict(description=BUILTIN[name_or_path], stream_tokens=len(stream),
                              wrapped=len(stream) < num_prompts * prompt_len))
 
-    path = Path(name_or_path).expanduser()
-    if path.exists() or path.suffix.lower() in DATASET_SUFFIXES or path.suffix.lower() == ".txt" \
-            or name_or_path.startswith((".", "/", "~")):
-        if not path.is_file():
-            raise BadInput(f"workload {name_or_path!r}: no such file; give a .json/.jsonl/.parquet/.csv/.txt "
-                           f"file or one of: {', '.join(BUILTIN)}")
-        texts, source = load_text_rows(path, text_column), "file"
-    elif name_or_path.count("/") == 1:
-        texts, source = _hub_texts(name_or_path, text_column), "hub"
+    kind, ref = resolve_workload(name_or_path)
+    if kind == "file":
+        texts, source = load_text_rows(Path(ref), text_column), "file"
     else:
-        from .models import did_you_mean
-        raise BadInput(f"unknown workload {name_or_path!r}{did_you_mean(name_or_path, BUILTIN)}; allowed: "
-                       f"{', '.join(BUILTIN)}, a local .json/.jsonl/.parquet/.csv/.txt file or a hub dataset org/name")
+        texts, source = _hub_texts(name_or_path, text_column), "hub"
     rows = [ids[:prompt_len] for ids in (encode(t) for t in texts) if ids]
     if not rows:
         raise BadInput(f"workload {name_or_path!r} has no non-empty text in column {text_column!r}")
     prompts = [rows[i % len(rows)] for i in range(num_prompts)]
     return Workload(name_or_path, source, prompts, prompt_len, output_len, tokenization,
                     dict(rows=len(rows), reused_rows=num_prompts > len(rows)))
+
+
+def synthetic_prompts(batch_size: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """Sequence i is the same at every batch size (seeded by seed and i); id 0 is left out as the pad id."""
+    import torch
+    out = []
+    jitter = prompt_len // 4
+    for i in range(batch_size):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        n = prompt_len + int(torch.randint(-jitter, jitter + 1, (1,), generator=g)) if jitter else prompt_len
+        out.append(torch.randint(1, vocab_size, (max(1, n),), generator=g).tolist())
+    return out
 
 
 def _encoder(tokenizer, vocab_size):
@@ -172,5 +195,5 @@ def _hub_texts(name: str, text_column: str) -> list[str]:
 
 def workload_sizes(name: str) -> dict:
     """Sizes of a built-in workload for `list workloads` (texts and characters; tokens depend on the model)."""
-    texts = builtin_texts(name)
+    texts = [] if name == "synthetic-ids" else builtin_texts(name)
     return dict(texts=len(texts), chars=sum(len(t) for t in texts))
