@@ -37,16 +37,21 @@ def prepare_cuda_determinism() -> bool:
 
 @contextlib.contextmanager
 def deterministic_algorithms():
-    """torch's deterministic mode (strict) and deterministic cuDNN for the block; the previous settings after."""
+    """torch's deterministic mode (strict) and deterministic cuDNN for the block; the previous settings after.
+    The mode also fills every new allocation (torch.utils.deterministic.fill_uninitialized_memory, on by default):
+    one more write per tensor, kept so that a kernel that reads memory it did not write cannot differ by run."""
+    import torch.utils.deterministic as tud
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, tud.fill_uninitialized_memory)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    tud.fill_uninitialized_memory = True
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
+        tud.fill_uninitialized_memory = before[4]
 
 
 class _Permute(torch.autograd.Function):
@@ -88,7 +93,7 @@ def check_supported(model: nn.Module) -> None:
     """The experts forward above covers gated, non-transposed experts without bias (Mixtral, Qwen2/3-MoE)."""
     from engines.runtime import find_experts_modules
     for name, m in find_experts_modules(model):
-        if m.is_transposed or m.has_bias or not m.has_gate:
+        if m.is_transposed or getattr(m, "has_bias", False) or not m.has_gate:
             raise NotImplementedError(f"{name}: the deterministic trainer covers gated experts stored [E, 2I, H] "
                                       "without bias")
 
