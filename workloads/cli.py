@@ -20,27 +20,34 @@ def model_group():
 
 @model_group.command("train")
 @click.option("--preset", default="tiny", show_default=True,
-              help="tiny (2 CPU cores, ~3 min) or small (one H200, ~3 min)")
-@click.option("--corpus", default=None, help="folder of text files, a .txt, or a .json/.jsonl/.parquet/.csv file with "
-              "a 'text' column; default: the Python standard library on this machine")
+              help="tiny (2 CPU cores, ~3 min), small, nllb-like or mixtral-like (one H200, 2-3 min each); "
+                   "`specmoe-bench list models` describes them")
+@click.option("--corpus", default=None, help="stdlib or code (it and the sources of torch and transformers), a folder "
+              "of text files, a .txt, or a .json/.jsonl/.parquet/.csv file with a 'text' column; default: the "
+              "preset's")
 @click.option("--out", default=None,
-              help="output directory; default: the per-machine cache that --model tiny|small uses")
-@click.option("--arch", default=None, type=click.Choice(["mixtral", "qwen2_moe"]),
-              help="model family (default mixtral; qwen2_moe adds a shared expert)")
+              help="output directory; default: the per-machine cache that --model PRESET uses")
+@click.option("--arch", default=None, type=click.Choice(["mixtral", "qwen2_moe", "qwen3_moe"]),
+              help="model family (qwen2_moe adds a shared expert; qwen2_moe and qwen3_moe allow moe_every > 1)")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--steps", default=None, type=int, help="override the preset's optimizer steps")
-@click.option("--device", default=None, help="cpu or cuda; default: the preset's (tiny: cpu, small: cuda)")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="override any recipe setting, e.g. --set hidden_size=64 --set moe_every=2; repeatable")
+@click.option("--device", default=None, help="cpu or cuda; default: the preset's (tiny: cpu, the others: cuda)")
 @click.option("--time-limit", "time_limit", default=None, type=float,
               help="stop training after this many seconds (a safety net on a rented machine; the result then "
                    "depends on the machine's speed and training.json records the step)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def train_cmd(preset, corpus, out, arch, seed, steps, device, time_limit, quiet):
+def train_cmd(preset, corpus, out, arch, seed, steps, settings, device, time_limit, quiet):
     """Train a MoE causal LM and its byte-level BPE tokenizer; save them with training.json (held-out loss,
-    perplexity, unigram baseline, expert usage entropy)."""
-    from .train import cached_checkpoint, train, trained_checkpoint
+    perplexity, unigram baseline, routing skew and the hottest experts per layer, weights_sha256)."""
+    from .train import cached_checkpoint, get_preset, parse_settings, summary, train, trained_checkpoint
     try:
-        default_run = (corpus, out, arch, steps, device, time_limit) == (None,) * 6 and seed == 0
-        if default_run:  # the exact checkpoint --model tiny|small loads: train into the cache (once, locked)
+        overrides = parse_settings(settings)
+        overrides.update({k: v for k, v in dict(arch=arch, steps=steps).items() if v is not None})
+        get_preset(preset, **overrides)  # a bad recipe fails here, before any data is read
+        default_run = (corpus, out, device, time_limit) == (None,) * 4 and seed == 0 and not overrides
+        if default_run:  # the exact checkpoint --model PRESET loads: train into the cache (once, locked)
             cached = cached_checkpoint(preset)
             already = (cached / "training.json").is_file()
             path = cached if already else trained_checkpoint(preset, progress=not quiet)
@@ -50,11 +57,10 @@ def train_cmd(preset, corpus, out, arch, seed, steps, device, time_limit, quiet)
         else:
             already = False
             result = train(preset, corpus=corpus, out=out, seed=seed, device=device, progress=not quiet,
-                           time_limit_s=time_limit, arch=arch, steps=steps)
+                           time_limit_s=time_limit, **overrides)
             path, metrics = result.path, result.metrics
     except BadInput as exc:
         raise _usage(exc) from None
-    from .train import summary
     if already or quiet:  # a training run with progress has printed its summary already
         click.echo(summary(metrics))
     if "stopped_early_at_step" in metrics:
@@ -92,10 +98,25 @@ def info_cmd(name, layers, dtype, build):
                        expert_bytes=per[0] // experts[0][1].num_experts, total_expert_bytes=sum(per),
                        non_expert_bytes=sum(p.nbytes for p in m.model.parameters()) - sum(per))
             row.update({k: v for k, v in m.notes.items() if k not in row})  # a preset's notes repeat its bytes
+            row.update(_routing_rows(m.notes.get("checkpoint")))
     except BadInput as exc:
         raise _usage(exc) from None
     for key, value in row.items():
         click.echo(f"{key}: {value}")
+
+
+def _routing_rows(checkpoint: str | None) -> dict:
+    """Routing statistics of a checkpoint this project trained (its training.json), as `model info` rows."""
+    from pathlib import Path
+
+    from .train import routing_of
+    info = Path(checkpoint) / "training.json" if checkpoint else None
+    if info is None or not info.is_file():
+        return {}
+    r = routing_of(json.loads(info.read_text()))
+    hottest = ["; ".join(f"{e}:{share:.3f}" for e, share in layer[:4]) for layer in r["hottest_experts"]]
+    return dict(routing_skew=r["routing_skew"], routing_skew_per_layer=r["routing_skew_per_layer"],
+                hottest_experts_per_layer=" | ".join(hottest), routing_skew_definition=r["routing_skew_definition"])
 
 
 def list_models_rows() -> list[dict]:
@@ -105,15 +126,15 @@ def list_models_rows() -> list[dict]:
     from .corpus import load_corpus
     from .train import TRAIN_PRESETS, default_out_dir
     rows = []
-    corpus = load_corpus(None)
     for name in TRAINED:
         p = TRAIN_PRESETS[name]
-        trained = (default_out_dir(p, 0, corpus) / "training.json").is_file()
+        trained = (default_out_dir(p, 0, load_corpus(p.corpus)) / "training.json").is_file()
         status = "cached on this machine" if trained else ("trains on first use" if p.device == "cpu" else
-                                                           "train on a GPU: specmoe-bench model train --preset small")
-        per_expert = 3 * p.hidden_size * p.intermediate_size * (4 if p.save_dtype == "float32" else 2)
+                                                           f"train on a GPU: specmoe-bench model train --preset {name}")
+        moe = f"{p.layers} layers" if p.moe_every == 1 else f"{p.layers} layers, MoE in {len(p.moe_layers)}"
         rows.append(dict(name=name, source="trained", description=p.description,
-                         sizes=f"{p.layers} layers x {p.experts} experts, expert {format_bytes(per_expert)} "
+                         sizes=f"{moe} x {p.experts} experts top-{p.top_k}, "
+                               f"expert {format_bytes(p.expert_bytes())} "
                                f"({p.save_dtype}); {status}"))
     for name, (factory, description) in SYNTHETIC.items():
         r = shape_report(factory())

@@ -1,7 +1,7 @@
 """Model catalogue: every name a user can pass as --model resolves here to a transformers MoE causal LM on the CPU.
 
-Names: a checkpoint the project trains itself (TRAINED: "tiny", "small"; trained on first use and cached per
-machine), a toy or an architecture preset of a public model (SYNTHETIC, PRESETS: random weights, labelled
+Names: a checkpoint the project trains itself (TRAINED: "tiny", "small", "nllb-like", "mixtral-like"; trained on
+first use and cached per machine), a toy or an architecture preset of a public model (SYNTHETIC, PRESETS: random weights, labelled
 synthetic), a local checkpoint directory, or a hub id (needs network). Loading is deterministic: the same name,
 dtype and seed give the same weights.
 """
@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from engines.errors import BadInput
 
 from .presets import PRESETS
+from .train import TRAIN_PRESETS
 
 
 @dataclass
@@ -63,7 +64,7 @@ SYNTHETIC: dict[str, tuple[Callable[[], PretrainedConfig], str]] = {
 }
 
 # Checkpoints the project trains itself (workloads/train.py); source "trained".
-TRAINED = ("tiny", "small")
+TRAINED = tuple(TRAIN_PRESETS)
 
 
 def _with_layers(config: PretrainedConfig, layers: int | None) -> tuple[PretrainedConfig, int, int]:
@@ -243,7 +244,7 @@ def _training_notes(path: Path) -> dict:
     import json
     info = json.loads((path / "training.json").read_text())
     keep = ("heldout_loss", "heldout_perplexity", "unigram_loss", "corpus", "corpus_fingerprint", "seed",
-            "train_tokens_seen", "expert_usage_entropy", "entropy_max", "weights_sha256")
+            "train_tokens_seen", "expert_usage_entropy", "entropy_max", "routing_skew", "weights_sha256")
     return {k: info[k] for k in keep if k in info}
 
 
