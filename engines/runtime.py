@@ -25,6 +25,8 @@ from .kvcache import MaskShape, StaticKV, attention_masks, check_fits, check_pos
 from .store import ExpertStore, StoreCounters  # noqa: F401 - StoreCounters is part of this module's API
 
 EXPERTS_IMPLEMENTATION = "specmoe_bench"
+SUPPORTED_FAMILIES = "Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, GPT-OSS (tested; any transformers MoE whose " \
+                     "experts module is built with use_experts_implementation)"
 CAPACITY_ROUND = 16  # static caches are sized up to a multiple of this, so nearby shapes share graphs
 
 
@@ -191,9 +193,8 @@ class ModelRuntime:
         model.eval()
         experts = find_experts_modules(model)
         if not experts:
-            raise BadInput(f"model {type(model).__name__} has no MoE layers: no experts module built with "
-                           "transformers' use_experts_implementation (supported families include Mixtral, "
-                           "Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, GPT-OSS)")
+            raise BadInput(f"model {type(model).__name__} has no MoE layers with a fused experts module that the "
+                           f"runtime can serve; supported families: {SUPPORTED_FAMILIES}")
         pin = self.device.type == "cuda"
         host = []
         for layer, (_, m) in enumerate(experts):

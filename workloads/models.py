@@ -142,8 +142,10 @@ def check_model(name: str, layers: int | None = None, dtype: str = "float32") ->
         raise BadInput(f"model {name!r}: transformers cannot build a causal LM from its config "
                        f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})") from None
     if not moe_layers:
-        raise BadInput(f"model {name!r} ({config.model_type}) has no MoE layers with fused experts that the engines "
-                       "could offload; give a Mixture-of-Experts checkpoint")
+        from engines.runtime import SUPPORTED_FAMILIES
+        arch = (getattr(config, "architectures", None) or [config.model_type])[0]
+        raise BadInput(f"model {name!r} ({arch}) has no MoE layers with a fused experts module that the runtime can "
+                       f"serve; supported families: {SUPPORTED_FAMILIES}")
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, layers: int | None = None, seed: int = 0) -> LoadedModel:
@@ -199,16 +201,39 @@ def _from_pretrained(ref: str, name: str, source: str, dtype, layers) -> LoadedM
     kw, notes = _weights(ref)
     model = AutoModelForCausalLM.from_pretrained(ref, config=config, dtype=dtype, trust_remote_code=False,
                                                  **kw).eval()
-    tokenizer = None
+    tokenizer, why = None, "the checkpoint has no tokenizer files"
     try:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
-    except (OSError, ValueError, TypeError):
+        why = unusable_tokenizer(tokenizer, model.config.get_text_config().vocab_size)
+    except (OSError, ValueError, TypeError, KeyError):
         pass
+    if why:  # text workloads then use the byte encoding of tokenizer-less models
+        tokenizer = None
+        notes["tokenization"] = f"utf-8 bytes: {why}"
     notes.update({"checkpoint": ref} if source != "hub" else {"hub_id": ref})
     if loaded != total:
         notes["layers"] = f"{loaded} of {total} decoder layers loaded"
     return LoadedModel(model, name, source, tokenizer, layers_loaded=loaded, layers_total=total, notes=notes)
+
+
+TOKENIZER_PROBE = "def mean(xs):\n    return sum(xs) / len(xs)  # the average\n"
+
+
+def unusable_tokenizer(tokenizer, vocab_size: int) -> str | None:
+    """Why a checkpoint's tokenizer cannot encode text for this model, or None when it can. transformers gives a
+    directory without tokenizer files a tokenizer of a single id for some families (Qwen2-MoE, Qwen3-MoE, OLMoE),
+    which would turn every prompt into nothing."""
+    name = type(tokenizer).__name__
+    if len(tokenizer) < 2:
+        return f"its tokenizer ({name}) has {len(tokenizer)} id, so it cannot encode text"
+    ids = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids or all(i == unk for i in ids):
+        return f"its tokenizer ({name}, {len(tokenizer)} ids) encodes a line of code to nothing or to unknowns"
+    if max(ids) >= vocab_size:
+        return f"its tokenizer ({name}) gives id {max(ids)}, beyond the model's vocabulary of {vocab_size}"
+    return None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

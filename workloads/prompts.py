@@ -69,6 +69,9 @@ def check_workload(name: str, text_column: str = "text") -> None:
     """Validation before a run (no model, no tokenizer): BadInput for a name that cannot be a workload, a file
     that does not parse or has no text column or no text, a hub dataset that cannot be reached."""
     kind, ref = resolve_workload(name)
+    if kind == "builtin" and name != "synthetic-ids" and not any(t.strip() for t in builtin_texts(name)):
+        raise BadInput(f"workload {name!r} is empty on this machine: no held-out standard-library text was found "
+                       "(it is read from this Python's standard library); use synthetic-ids or a text file")
     if kind == "file":
         if not any(t.strip() for t in load_text_rows(Path(ref), text_column)):
             raise BadInput(f"workload {name!r} has no non-empty text in column {text_column!r}")
@@ -113,11 +116,16 @@ def load_workload(name_or_path: str, tokenizer=None, num_prompts: int | None = N
     if tokenizer is None and not vocab_size:
         raise BadInput("a model without a tokenizer needs vocab_size to turn text into ids")
     encode, tokenization = _encoder(tokenizer, vocab_size)
+    fallback = getattr(model, "notes", {}).get("tokenization") if tokenizer is None else None
+    if fallback:  # say why the bytes: the checkpoint's own tokenizer could not be used
+        tokenization = f"{tokenization}: {fallback[len('utf-8 bytes: '):]}"
 
     if name_or_path in BUILTIN:
         stream: list[int] = []
         for text in builtin_texts(name_or_path):
             stream.extend(encode(text))
+        if not stream:
+            raise BadInput(f"workload {name_or_path!r}: its text encodes to no tokens with the {tokenization}")
         prompts = _windows(stream, num_prompts, prompt_len, seed)
         return Workload(name_or_path, "builtin", prompts, prompt_len, output_len, tokenization,
                         dict(description=BUILTIN[name_or_path], stream_tokens=len(stream),
