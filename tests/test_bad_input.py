@@ -86,7 +86,7 @@ def test_checkpoint_without_moe_layers(capsys, tmp_path):
                 num_key_value_heads=1).save_pretrained(tmp_path / "dense")
     err = refused(["compare", "--engines", "offload", "--model", tmp_path / "dense", "--workload", "synthetic-ids"],
                   capsys, tmp_path)
-    assert "has no MoE layers" in err
+    assert "has no MoE layers" in err and "LlamaForCausalLM" in err and "supported families: Mixtral" in err
 
 
 def test_workload_file_without_text_column_or_with_broken_lines(capsys, tmp_path):

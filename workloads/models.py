@@ -143,7 +143,9 @@ def check_model(name: str, layers: int | None = None, dtype: str = "float32") ->
                        f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})") from None
     if not moe_layers:
         from engines.runtime import SUPPORTED_FAMILIES
-        arch = (getattr(config, "architectures", None) or [config.model_type])[0]
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        arch = (getattr(config, "architectures", None)
+                or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type)])[0]
         raise BadInput(f"model {name!r} ({arch}) has no MoE layers with a fused experts module that the runtime can "
                        f"serve; supported families: {SUPPORTED_FAMILIES}")
 
