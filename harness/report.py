@@ -127,14 +127,22 @@ def _plt():
 
 
 MARKERS = "os^DvPX*<>"
+LINESTYLES = ["-", "--", "-.", ":"]
+CPU_TIMES = "CPU times, not GPU times"
 
 
-def _colors(names) -> dict[str, tuple]:
-    """Series -> (colour, marker), fixed for the whole run; distinct markers keep coinciding lines visible."""
+def _styles(names) -> dict[str, dict]:
+    """Series -> how it is drawn, fixed for the whole run so an engine looks the same in every figure. Engines whose
+    values coincide (offload and overlap move the same bytes; nospec and specmoe often) must stay visible: each
+    series has its own marker, drawn hollow and smaller than the one before it, and its own dash pattern, so lines
+    that lie on top of each other show as concentric rings and interleaved dashes."""
     import matplotlib
     cmap = matplotlib.colormaps["tab10"]
     ordered = sorted(set(names), key=_engine_rank)
-    return {n: (cmap(i % 10), MARKERS[i % len(MARKERS)]) for i, n in enumerate(ordered)}
+    n = len(ordered)
+    return {name: dict(color=cmap(i % 10), marker=MARKERS[i % len(MARKERS)], ms=5 + 2 * (n - 1 - i),
+                       mfc="none", mew=1.6, ls=LINESTYLES[i % len(LINESTYLES)], lw=1.2 + 0.5 * (n - 1 - i) / max(n - 1, 1))
+            for i, name in enumerate(ordered)}
 
 
 def byte_unit(max_value: float) -> tuple[str, float]:
@@ -144,13 +152,13 @@ def byte_unit(max_value: float) -> tuple[str, float]:
     return "B", 1
 
 
-def panel_figure(path: Path, rows: list[tuple[Points, str]], title: str, colors: dict[str, tuple],
-                 hline: float | None = None) -> bool:
-    """One column per panel, one row per metric; x is batch size on a log2 axis. False when nothing to draw.
-    `colors` maps every series of the run to one colour, so an engine looks the same in every figure."""
+def draw_panels(rows: list[tuple[Points, str]], title: str, styles: dict[str, dict], hline: float | None = None,
+                cpu_times: set[str] = frozenset()):
+    """One column per panel, one row per metric; x is batch size on a log2 axis. None when nothing to draw.
+    cpu_times: panels whose values are times measured on the CPU, which the image itself says."""
     panels = sorted({p for pts, _ in rows for p in pts})
     if not panels:
-        return False
+        return None
     plt = _plt()
     ncols = len(panels)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(5.2 * ncols, 3.9 * len(rows)), squeeze=False)
@@ -166,8 +174,7 @@ def panel_figure(path: Path, rows: list[tuple[Points, str]], title: str, colors:
             for name in sorted(series, key=_engine_rank):
                 xs, ys, es = zip(*series[name])
                 yerr = [e or 0.0 for e in es] if any(e for e in es) else None
-                color, marker = colors[name]
-                ax.errorbar(xs, ys, yerr=yerr, marker=marker, ms=5, capsize=3, label=name, color=color, alpha=0.9)
+                ax.errorbar(xs, ys, yerr=yerr, capsize=3, label=name, alpha=0.9, **styles[name])
             if hline is not None:
                 ax.axhline(hline, color="grey", ls="--", lw=1, label=f"{REFERENCE_ENGINE} (1.0x)")
             ax.set_xscale("log", base=2)
@@ -176,14 +183,24 @@ def panel_figure(path: Path, rows: list[tuple[Points, str]], title: str, colors:
             ax.minorticks_off()
             ax.set_xlabel("batch size (sequences)")
             ax.set_ylabel(ylabel)
-            ax.set_title(panel, fontsize=10)
+            ax.set_title(panel + (f"\n{CPU_TIMES}" if panel in cpu_times else ""), fontsize=10,
+                         color="firebrick" if panel in cpu_times else "black")
             ax.grid(True, alpha=0.3)
             ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1] * 1.05, 1e-9))  # every metric drawn is >= 0
             ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title + (f" ({CPU_TIMES})" if cpu_times & set(panels) else ""))
     fig.tight_layout()
+    return fig
+
+
+def panel_figure(path: Path, rows: list[tuple[Points, str]], title: str, styles: dict[str, dict],
+                 hline: float | None = None, cpu_times: set[str] = frozenset()) -> bool:
+    """draw_panels saved as a PNG; False when nothing to draw."""
+    fig = draw_panels(rows, title, styles, hline, cpu_times)
+    if fig is None:
+        return False
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return True
 
 
@@ -293,7 +310,8 @@ def build_report(run: Path, cells: list[CellResult], meta: dict, out: Path, nvml
     energy = collect(ok, lambda r: nvml_value(r, "joules_per_token"))
 
     # figures
-    colors = _colors(series_of(r) for r in ok)
+    styles = _styles(series_of(r) for r in ok)
+    cpu = {panel_of(r, _varying(ok)) for r in ok if r.config.hardware == "cpu"}  # their time figures say so
     blocks.append(Block("h2", "Figures"))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -301,25 +319,25 @@ def build_report(run: Path, cells: list[CellResult], meta: dict, out: Path, nvml
         blocks.append(Block("figure", caption, path=out / name) if drawn else Block("note", absent))
 
     figure("throughput.png", "Output tokens/s (end to end, prefill included) vs batch size; bars: sd over iterations",
-           panel_figure(out / "throughput.png", [(tps, "output tokens/s")], "Throughput", colors),
+           panel_figure(out / "throughput.png", [(tps, "output tokens/s")], "Throughput", styles, cpu_times=cpu),
            "no tokens/s measured in this run")
     figure("speedup.png", f"Speedup in tokens/s over `{REFERENCE_ENGINE}`",
            panel_figure(out / "speedup.png", [(sp, f"speedup over {REFERENCE_ENGINE} (x)")],
-                        f"Speedup over {REFERENCE_ENGINE}", colors, hline=1.0),
+                        f"Speedup over {REFERENCE_ENGINE}", styles, hline=1.0, cpu_times=cpu),
            f"no `{REFERENCE_ENGINE}` cells to compare against: speedup not drawn")
     vmax = max((v for ser in bpt.values() for pts in ser.values() for _, v, _ in pts), default=0)
     unit, size = byte_unit(vmax)
     figure("h2d_bytes_per_token.png", "Host-to-device expert bytes per output token (counted by the engine)",
            panel_figure(out / "h2d_bytes_per_token.png", [(scale_points(bpt, size), f"H2D {unit} per output token")],
-                        "Host-to-device traffic per token", colors),
+                        "Host-to-device traffic per token", styles),
            "no host-to-device byte counts in this run")
     figure("speculation.png", "Tokens per step per sequence (bonus token included) and draft acceptance rate",
            panel_figure(out / "speculation.png", [(tpstep, "tokens per step per sequence"),
                                                   (scale_points(acc, 0.01), "acceptance rate (%)")],
-                        "Speculation", colors),
+                        "Speculation", styles),
            "no speculative engine in this run (no drafted tokens): tokens per step and acceptance not drawn")
     figure("energy_per_token.png", "Energy per output token (NVML energy counter)",
-           panel_figure(out / "energy_per_token.png", [(energy, "energy per output token (J)")], "Energy per token", colors),
+           panel_figure(out / "energy_per_token.png", [(energy, "energy per output token (J)")], "Energy per token", styles),
            f"{no_nvml(ok)}: energy per token not drawn")
     blocks += _timeline_blocks(ok, out, nvml_cell)
 
