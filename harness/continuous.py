@@ -34,9 +34,11 @@ def resolve_base(ref: str) -> str:
     return out.stdout.strip()
 
 
-def check_inputs(matrix_file: str, base: str, thresholds: tuple[str, ...], baseline: str | None):
+def check_inputs(matrix_file: str, base: str, rounds: int, thresholds: tuple[str, ...], baseline: str | None):
     """Everything that can be wrong with the command line, found before anything is measured."""
     from .matrix import load
+    if rounds < 1:
+        raise BadInput(f"--rounds {rounds}: measure each side at least once (4 or more for a significance test)")
     m = load(matrix_file)
     sha = resolve_base(base)
     thr = regress.parse_thresholds(thresholds)
@@ -57,8 +59,8 @@ def measure(tree: Path, matrix_file: Path, run_id: str, job_dir: Path) -> tuple[
 
 def run_continuous(matrix_file: str, base: str, rounds: int, thresholds: tuple[str, ...], baseline: str | None,
                    job_dir: Path, echo=click.echo) -> int:
-    m, sha, (thr, per_metric) = check_inputs(matrix_file, base, thresholds, baseline)
-    matrix_path = Path(matrix_file).resolve()
+    m, sha, (thr, per_metric) = check_inputs(matrix_file, base, rounds, thresholds, baseline)
+    matrix_path, job_dir = Path(matrix_file).resolve(), job_dir.resolve()  # the base runs from another directory
     job_dir.mkdir(parents=True, exist_ok=True)
     worktree = Path(tempfile.mkdtemp(prefix="specmoe-base-"))
     echo(f"base {base} = {sha[:10]} in a worktree at {worktree}; candidate: the working tree {REPO_ROOT}")
@@ -119,7 +121,7 @@ def report(runs: dict[str, list[str]], baseline: str | None, thr: float, per_met
 @click.argument("matrix_file", metavar="MATRIX.toml")
 @click.option("--base", default="HEAD^", show_default=True, metavar="REF",
               help="The commit to compare with (checked out in a temporary git worktree).")
-@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--rounds", type=int, default=5, show_default=True,
               help="Runs of each side, in turns; each run's median is one sample (at least 4 to be tested).")
 @click.option("--threshold", "thresholds", multiple=True, default=["10%"], show_default=True,
               metavar="PCT|METRIC=PCT", help="As for `regress`.")
@@ -133,7 +135,7 @@ def report(runs: dict[str, list[str]], baseline: str | None, thr: float, per_met
 def continuous_command(matrix_file, base, rounds, thresholds, baseline, out_dir, check_only):
     try:
         if check_only:
-            check_inputs(matrix_file, base, thresholds, baseline)
+            check_inputs(matrix_file, base, rounds, thresholds, baseline)
             return
         job = out_dir or REPO_ROOT / "results" / "runs" / time.strftime("continuous-%Y%m%dT%H%M%S")
         sys.exit(run_continuous(matrix_file, base, rounds, thresholds, baseline, job))
