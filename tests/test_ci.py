@@ -44,9 +44,9 @@ batch_sizes = [1]
 hardware = ["cpu"]
 [settings]
 prompt_len = 8
-max_new_tokens = 16
+max_new_tokens = 32
 warmup = 1
-min_iterations = 6
+min_iterations = 10
 cpu_threads = 1
 process_per = "model"
 """
@@ -92,16 +92,16 @@ def ci_run(root, *args, timeout=900):
 def test_a_candidate_30pct_slower_fails_naming_the_cell_and_the_metric(repo):
     (repo / "sleepy_engine.py").write_text(SLEEPY.format(slowdown=0.3))
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "candidate: 30% slower")
-    out = ci_run(repo, "--no-tests", "--matrix", "ci-test.toml", "--baseline", "none", "--rounds", "4")
+    out = ci_run(repo, "--no-tests", "--matrix", "ci-test.toml", "--baseline", "none", "--rounds", "5")
     assert out.returncode == 1, out.stdout + out.stderr
     flagged = [line.split("|")[1:3] for line in out.stdout.splitlines() if "**regression**" in line]
     cells = {c.strip() for c, _ in flagged}
-    assert cells == {"sleepy-tiny-mixtral-random-float32-b1-cpu-synthetic-ids-p8-n16-s0"}, out.stdout
+    assert cells == {"sleepy-tiny-mixtral-random-float32-b1-cpu-synthetic-ids-p8-n32-s0"}, out.stdout
     # the ratio to offload, measured seconds apart in the same worker, is what a busy machine cannot blur
     assert "speedup_over_offload" in {m.strip() for _, m in flagged}, out.stdout
     assert "continuous: REGRESSION" in out.stdout
     report = next(repo.glob("results/runs/ci-*/regress.md")).read_text()
-    assert "measured in turns in this job (4 vs 4 runs)" in report
+    assert "measured in turns in this job (5 vs 5 runs)" in report
     assert not list(Path("/tmp").glob("specmoe-base-*/sleepy_engine.py"))  # the base worktree is gone
 
 
