@@ -133,15 +133,14 @@ CPU_TIMES = "CPU times, not GPU times"
 
 def _styles(names) -> dict[str, dict]:
     """Series -> how it is drawn, fixed for the whole run so an engine looks the same in every figure. Engines whose
-    values coincide (offload and overlap move the same bytes; nospec and specmoe often) must stay visible: each
-    series has its own marker, drawn hollow and smaller than the one before it, and its own dash pattern, so lines
-    that lie on top of each other show as concentric rings and interleaved dashes."""
+    values coincide (offload and overlap move the same bytes; nospec and specmoe often) must stay visible: markers
+    are hollow, and consecutive series alternate large markers on thick lines with small markers on thin lines,
+    each with its own shape and dash pattern, so one drawn over the other shows as a ring inside a ring."""
     import matplotlib
     cmap = matplotlib.colormaps["tab10"]
     ordered = sorted(set(names), key=_engine_rank)
-    n = len(ordered)
-    return {name: dict(color=cmap(i % 10), marker=MARKERS[i % len(MARKERS)], ms=5 + 2 * (n - 1 - i),
-                       mfc="none", mew=1.6, ls=LINESTYLES[i % len(LINESTYLES)], lw=1.2 + 0.5 * (n - 1 - i) / max(n - 1, 1))
+    return {name: dict(color=cmap(i % 10), marker=MARKERS[i % len(MARKERS)], mfc="none", mew=1.6,
+                       ms=12 if i % 2 == 0 else 6, lw=2.6 if i % 2 == 0 else 1.2, ls=LINESTYLES[i % len(LINESTYLES)])
             for i, name in enumerate(ordered)}
 
 

@@ -147,7 +147,8 @@ def test_cpu_time_figures_say_so_in_the_image_and_coinciding_engines_stay_visibl
     lines = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar: the data line of each series
     off, over = lines["offload"], lines["overlap"]
     assert list(off.get_ydata()) == list(over.get_ydata())
-    assert off.get_markersize() > over.get_markersize() and off.get_markerfacecolor() == "none"  # a ring around
+    assert off.get_markersize() != over.get_markersize() and off.get_markerfacecolor() == "none"  # ring in ring
+    assert off.get_linewidth() != over.get_linewidth()
     assert off.get_linestyle() != over.get_linestyle() and off.get_color() != over.get_color()
     bytes_fig = draw_panels([(collect(cells, lambda r: r.metrics.h2d_bytes_per_token), "bytes")], "Bytes", styles)
     assert CPU_TIMES not in bytes_fig.axes[0].get_title() + bytes_fig._suptitle.get_text()  # bytes are real
