@@ -10,9 +10,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# A test-only engine, registered through the entry-point group like any plug-in: offload that sleeps SLOWDOWN times
-# each forward's own time after it, so every step (prefill and decode) takes 1 + SLOWDOWN times as long.
-SLEEPY = '''
+# A test-only engine, registered through the entry-point group like any plug-in: offload that, after each forward
+# (prefill and every decode step), spins for SLOWDOWN times the CPU time the forward took, as code that does that
+# much more work would. Not a sleep: a sleeping process costs nothing on a busy machine (the scheduler hands its
+# share to the others and back when it wakes), and a candidate that slept 30% per step measured only 13% slower
+# with two busy loops running; code that is slower burns the CPU.
+SLOW_ENGINE = '''
 import time
 from engines.baselines import OffloadEngine
 from engines.runtime import ExpertPolicy
@@ -20,25 +23,27 @@ from engines.runtime import ExpertPolicy
 SLOWDOWN = {slowdown}
 
 
-class SleepyPolicy(ExpertPolicy):
+class SlowPolicy(ExpertPolicy):
     def begin_forward(self, forward_index):
-        self.t0 = time.perf_counter()
+        self.t0 = time.thread_time()
 
     def end_forward(self):
-        time.sleep(SLOWDOWN * (time.perf_counter() - self.t0))
+        until = time.thread_time() + SLOWDOWN * (time.thread_time() - self.t0)
+        while time.thread_time() < until:
+            pass
 
 
-class SleepyEngine(OffloadEngine):
-    name = "sleepy"
-    summary = "test only: offload, sleeping SLOWDOWN x each forward's time after it"
+class SlowEngine(OffloadEngine):
+    name = "slow"
+    summary = "test only: offload that spins SLOWDOWN x each forward's CPU time after it"
 
     def make_policy(self, hardware):
-        return SleepyPolicy()
+        return SlowPolicy()
 '''
 
 MATRIX = """
 [matrix]
-engines = ["offload", "sleepy"]
+engines = ["offload", "slow"]
 models = ["tiny-mixtral-random"]
 batch_sizes = [1]
 hardware = ["cpu"]
@@ -58,7 +63,7 @@ def git(cwd, *args):
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """A copy of this working tree as a git repository with a test-only `sleepy` engine at its root (found through
+    """A copy of this working tree as a git repository with a test-only `slow` engine at its root (found through
     its dist-info there, as the cells run from the root of their tree) and a two-cell matrix, in two commits, so
     that HEAD^ exists; a test adds the candidate commit it needs."""
     root = tmp_path_factory.mktemp("ci") / "repo"
@@ -69,12 +74,12 @@ def repo(tmp_path_factory):
             (root / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, root / f)  # the mtimes too: make sees the shared .venv up to date
     os.symlink(REPO / ".venv", root / ".venv")
-    dist = root / "sleepy-0.dist-info"
+    dist = root / "slow-0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sleepy\nVersion: 0\n")
-    (dist / "entry_points.txt").write_text("[specmoe_bench.engines]\nsleepy = sleepy_engine:SleepyEngine\n")
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: slow\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text("[specmoe_bench.engines]\nslow = slow_engine:SlowEngine\n")
     (root / "ci-test.toml").write_text(MATRIX)
-    (root / "sleepy_engine.py").write_text(SLEEPY.format(slowdown=0.0))
+    (root / "slow_engine.py").write_text(SLOW_ENGINE.format(slowdown=0.0))
     (root / ".gitignore").write_text((root / ".gitignore").read_text() + ".venv\n")
     git(root, "init", "-q")
     git(root, "add", "-A")
@@ -90,19 +95,19 @@ def ci_run(root, *args, timeout=900):
 
 @pytest.mark.slow
 def test_a_candidate_30pct_slower_fails_naming_the_cell_and_the_metric(repo):
-    (repo / "sleepy_engine.py").write_text(SLEEPY.format(slowdown=0.3))
+    (repo / "slow_engine.py").write_text(SLOW_ENGINE.format(slowdown=0.3))
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "candidate: 30% slower")
-    out = ci_run(repo, "--no-tests", "--matrix", "ci-test.toml", "--baseline", "none", "--rounds", "5")
+    out = ci_run(repo, "--no-tests", "--matrix", "ci-test.toml", "--baseline", "none", "--rounds", "4")
     assert out.returncode == 1, out.stdout + out.stderr
     flagged = [line.split("|")[1:3] for line in out.stdout.splitlines() if "**regression**" in line]
     cells = {c.strip() for c, _ in flagged}
-    assert cells == {"sleepy-tiny-mixtral-random-float32-b1-cpu-synthetic-ids-p8-n32-s0"}, out.stdout
-    # the ratio to offload, measured seconds apart in the same worker, is what a busy machine cannot blur
-    assert "speedup_over_offload" in {m.strip() for _, m in flagged}, out.stdout
+    assert cells == {"slow-tiny-mixtral-random-float32-b1-cpu-synthetic-ids-p8-n32-s0"}, out.stdout
+    assert {m.strip() for _, m in flagged} <= {"tokens_per_s", "decode_tokens_per_s", "ttft_ms", "tpot_ms_p50",
+                                               "speedup_over_offload"}, out.stdout
     assert "continuous: REGRESSION" in out.stdout
     report = next(repo.glob("results/runs/ci-*/regress.md")).read_text()
-    assert "measured in turns in this job (5 vs 5 runs)" in report
-    assert not list(Path("/tmp").glob("specmoe-base-*/sleepy_engine.py"))  # the base worktree is gone
+    assert "measured in turns in this job (4 vs 4 runs)" in report
+    assert not list(Path("/tmp").glob("specmoe-base-*/slow_engine.py"))  # the base worktree is gone
 
 
 @pytest.mark.parametrize("args, message", [
