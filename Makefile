@@ -24,6 +24,7 @@ test: $(STAMP)  ## run the test suite
 
 bench: $(STAMP)  ## run the default matrix (matrices/gpu.toml with CUDA, matrices/cpu.toml otherwise); prints the table and the run directory
 	$(VENV)/bin/specmoe-bench run --default $(BENCH_ARGS)
+	@echo "specmoe-bench is installed in $(VENV)/bin: run '. $(VENV)/bin/activate' to put it on PATH"
 
 bench-micro: $(STAMP)  ## pytest-benchmark micro-benchmarks of the hot paths
 	$(PY) -m pytest -q tests/micro --benchmark-only --benchmark-enable

@@ -13,8 +13,6 @@ import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-import torch
-
 from .base import RuntimeEngine
 from .errors import BadInput
 from .hardware import HardwareProfile, parse_size

@@ -411,6 +411,7 @@ def _add_optional_commands() -> None:
     for module, attr, name in (("workloads.cli", "model_group", "model"),
                                ("harness.calibrate", "calibrate_command", "calibrate"),
                                ("harness.regress", "regress_command", "regress"),
+                               ("harness.continuous", "continuous_command", "continuous"),
                                ("harness.report", "report_command", "report")):
         try:
             mod = __import__(module, fromlist=[attr])

@@ -111,23 +111,30 @@ def _plt():
 
 
 MARKERS = "os^DvPX*<>"
+LINESTYLES = ["-", "--", "-.", ":"]
+CPU_TIMES = "CPU times, not GPU times"
 
 
-def _colors(names) -> dict[str, tuple]:
-    """Series -> (colour, marker), fixed for the whole run; distinct markers keep coinciding lines visible."""
+def _styles(names) -> dict[str, dict]:
+    """Series -> how it is drawn, fixed for the whole run so an engine looks the same in every figure. Engines whose
+    values coincide (offload and overlap move the same bytes; nospec and specmoe often) must stay visible: markers
+    are hollow, and consecutive series alternate large markers on thick lines with small markers on thin lines,
+    each with its own shape and dash pattern, so one drawn over the other shows as a ring inside a ring."""
     import matplotlib
     cmap = matplotlib.colormaps["tab10"]
     ordered = sorted(set(names), key=_engine_rank)
-    return {n: (cmap(i % 10), MARKERS[i % len(MARKERS)]) for i, n in enumerate(ordered)}
+    return {name: dict(color=cmap(i % 10), marker=MARKERS[i % len(MARKERS)], mfc="none", mew=1.6,
+                       ms=12 if i % 2 == 0 else 6, lw=2.6 if i % 2 == 0 else 1.2, ls=LINESTYLES[i % len(LINESTYLES)])
+            for i, name in enumerate(ordered)}
 
 
-def panel_figure(path: Path, rows: list[tuple[Points, str]], title: str, colors: dict[str, tuple],
-                 hline: float | None = None) -> bool:
-    """One column per panel, one row per metric; x is batch size on a log2 axis. False when nothing to draw.
-    `colors` maps every series of the run to one colour, so an engine looks the same in every figure."""
+def draw_panels(rows: list[tuple[Points, str]], title: str, styles: dict[str, dict], hline: float | None = None,
+                cpu_times: set[str] = frozenset()):
+    """One column per panel, one row per metric; x is batch size on a log2 axis. None when nothing to draw.
+    cpu_times: panels whose values are times measured on the CPU, which the image itself says."""
     panels = sorted({p for pts, _ in rows for p in pts})
     if not panels:
-        return False
+        return None
     plt = _plt()
     ncols = len(panels)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(5.2 * ncols, 3.9 * len(rows)), squeeze=False)
@@ -143,8 +150,7 @@ def panel_figure(path: Path, rows: list[tuple[Points, str]], title: str, colors:
             for name in sorted(series, key=_engine_rank):
                 xs, ys, es = zip(*series[name])
                 yerr = [e or 0.0 for e in es] if any(e for e in es) else None
-                color, marker = colors[name]
-                ax.errorbar(xs, ys, yerr=yerr, marker=marker, ms=5, capsize=3, label=name, color=color, alpha=0.9)
+                ax.errorbar(xs, ys, yerr=yerr, capsize=3, label=name, alpha=0.9, **styles[name])
             if hline is not None:
                 ax.axhline(hline, color="grey", ls="--", lw=1, label=f"{REFERENCE_ENGINE} (1.0x)")
             ax.set_xscale("log", base=2)
@@ -153,14 +159,24 @@ def panel_figure(path: Path, rows: list[tuple[Points, str]], title: str, colors:
             ax.minorticks_off()
             ax.set_xlabel("batch size (sequences)")
             ax.set_ylabel(ylabel)
-            ax.set_title(panel, fontsize=10)
+            ax.set_title(panel + (f"\n{CPU_TIMES}" if panel in cpu_times else ""), fontsize=10,
+                         color="firebrick" if panel in cpu_times else "black")
             ax.grid(True, alpha=0.3)
             ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1] * 1.05, 1e-9))  # every metric drawn is >= 0
             ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title + (f" ({CPU_TIMES})" if cpu_times & set(panels) else ""))
     fig.tight_layout()
+    return fig
+
+
+def panel_figure(path: Path, rows: list[tuple[Points, str]], title: str, styles: dict[str, dict],
+                 hline: float | None = None, cpu_times: set[str] = frozenset()) -> bool:
+    """draw_panels saved as a PNG; False when nothing to draw."""
+    fig = draw_panels(rows, title, styles, hline, cpu_times)
+    if fig is None:
+        return False
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return True
 
 
@@ -280,19 +296,22 @@ def _intro_blocks(run: Path, cells: list[CellResult], meta: dict) -> list[Block]
 
 
 def _figure_blocks(ok: list[CellResult], pts: dict[str, Points], out: Path, nvml_cell: str | None) -> list[Block]:
-    colors = _colors(series_name(r) for r in ok)
+    styles = _styles(series_name(r) for r in ok)
+    cpu = {panel_of(r, varying_settings(ok)) for r in ok if r.config.hardware == "cpu"}  # their times say so
     blocks = [Block("h2", "Figures")]
     out.mkdir(parents=True, exist_ok=True)
 
-    def figure(name: str, caption: str, rows: list, title: str, absent: str, hline: float | None = None) -> None:
-        drawn = panel_figure(out / name, rows, title, colors, hline=hline)
+    def figure(name: str, caption: str, rows: list, title: str, absent: str, hline: float | None = None,
+               times: bool = False) -> None:
+        drawn = panel_figure(out / name, rows, title, styles, hline=hline, cpu_times=cpu if times else frozenset())
         blocks.append(Block("figure", caption, path=out / name) if drawn else Block("note", absent))
 
     figure("throughput.png", "Output tokens/s (end to end, prefill included) vs batch size; bars: sd over iterations",
-           [(pts["tokens_per_s"], "output tokens/s")], "Throughput", "no tokens/s measured in this run")
+           [(pts["tokens_per_s"], "output tokens/s")], "Throughput", "no tokens/s measured in this run",
+           times=True)
     figure("speedup.png", f"Speedup in tokens/s over `{REFERENCE_ENGINE}`",
            [(pts["x"], f"speedup over {REFERENCE_ENGINE} (x)")], f"Speedup over {REFERENCE_ENGINE}",
-           f"no `{REFERENCE_ENGINE}` cells to compare against: speedup not drawn", hline=1.0)
+           f"no `{REFERENCE_ENGINE}` cells to compare against: speedup not drawn", hline=1.0, times=True)
     bpt = pts["h2d_bytes_per_token"]
     unit, size = byte_unit(max((v for ser in bpt.values() for p in ser.values() for _, v, _ in p), default=0))
     figure("h2d_bytes_per_token.png", "Host-to-device expert bytes per output token (counted by the engine)",

@@ -321,10 +321,11 @@ def run_matrix(cells: list[CellConfig], run: RunDir, progress, save_outputs: boo
 
 def _record_bounds(run: RunDir) -> None:
     """The hardware-bound probes the cells made, into run.json (harness/bounds.py)."""
+    from engines.errors import BadInput as EngineBadInput
     from harness import bounds
     found = bounds.recorded(run.path)
     if found:
-        with contextlib.suppress(OSError, ValueError, BadInput):
+        with contextlib.suppress(OSError, ValueError, EngineBadInput):
             meta = run.read_meta()
             if meta:
                 meta["hardware_bounds"] = found

@@ -29,6 +29,7 @@ def compared(tmp_path_factory):
     out = subprocess.run([sys.executable, "-m", "harness.cli", "compare", "--engines", "specmoe,offload",
                           "--model", "tiny-mixtral-random", "--batch-sizes", "1,2", "--max-new-tokens", "6",
                           "--prompt-len", "8", "--iterations", "1", "--warmup", "0", "--cpu-threads", "1",
+                          "--process-per", "model",  # one worker for the 4 cells: the imports once, not 4 times
                           "--json", str(tmp / "out.json"),
                           "--run-id", "cmp", "--results-dir", str(tmp / "runs"), "--save-outputs"],
                          env=env, capture_output=True, text=True, timeout=600)

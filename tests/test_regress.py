@@ -13,14 +13,15 @@ ENV = {"torch": "2.13.0+cpu", "cpu_count": 2, "gpu": None, "hostname": "a"}
 
 
 def make_cell(engine="offload", batch=4, tps=100.0, bytes_per_token=4096.0, hardware="cpu", n=6, noise=0.03,
-              seed=0, model="tiny-mixtral-random", equivalent=True, status="ok", **metrics) -> CellResult:
+              seed=0, model="tiny-mixtral-random", equivalent=True, status="ok", options=None, **metrics) -> CellResult:
     """A cell whose tokens_per_s samples scatter by `noise` around `tps` (like a run on a busy machine)."""
     rng = random.Random(f"{engine}/{batch}/{seed}")
     samples = [tps * (1 + rng.uniform(-noise, noise)) for _ in range(n)]
-    m = Metrics(tokens_per_s=sum(samples) / n, h2d_bytes_per_token=bytes_per_token, expert_hit_rate=0.25,
-                tokens_per_step=1.0, equivalent=equivalent, exact_match_rate=1.0 if equivalent else 0.5,
-                iterations=n, **metrics)
-    return CellResult(config=CellConfig(engine=engine, model=model, batch_size=batch, hardware=hardware),
+    m = Metrics(**dict(dict(tokens_per_s=sum(samples) / n, h2d_bytes_per_token=bytes_per_token, expert_hit_rate=0.25,
+                            tokens_per_step=1.0, equivalent=equivalent, exact_match_rate=1.0 if equivalent else 0.5,
+                            iterations=n), **metrics))
+    return CellResult(config=CellConfig(engine=engine, model=model, batch_size=batch, hardware=hardware,
+                                        engine_options=options or {}),
                       status=status, valid=status == "ok", metrics=m if status == "ok" else Metrics(),
                       samples={"tokens_per_s": samples} if status == "ok" else {},
                       error=None if status == "ok" else "RuntimeError: boom", environment=dict(ENV))
@@ -35,7 +36,8 @@ def write_run(root: Path, name: str, cells: list[CellResult], environment=None) 
     return run
 
 
-def matrix(seed, slow_engine=None, slowdown=0.0, bytes_change=None, **kw):
+def matrix(seed, slow_engine=None, slowdown=0.0, bytes_change=None, spec_options=None, **kw):
+    """offload, lru and specmoe (its options `spec_options`: adaptive by default) at batch 1 and 4."""
     cells = []
     for engine in ("offload", "lru", "specmoe"):
         for batch in (1, 4):
@@ -43,7 +45,8 @@ def matrix(seed, slow_engine=None, slowdown=0.0, bytes_change=None, **kw):
             if engine == slow_engine:
                 tps *= 1 - slowdown
             bpt = 4096.0 if not (bytes_change and engine == bytes_change[0]) else bytes_change[1]
-            cells.append(make_cell(engine, batch, tps, bpt, seed=seed, **kw))
+            cells.append(make_cell(engine, batch, tps, bpt, seed=seed,
+                                   options=spec_options if engine == "specmoe" else None, **kw))
     return cells
 
 
@@ -66,8 +69,9 @@ def test_injected_30pct_slowdown_in_one_engine_is_flagged(tmp_path):
     res = run_cli("--baseline", base, "--candidate", cand, "--threshold", "25%")
     assert res.exit_code == 1, res.output
     flagged = [line for line in res.output.splitlines() if "**regression**" in line]
-    assert len(flagged) == 2  # lru at batch 1 and 4, nothing else
-    assert all(line.startswith("| lru-") and "| tokens_per_s |" in line for line in flagged)
+    # lru at batch 1 and 4, its tokens/s and its speedup over offload in the same run; nothing else
+    assert sorted(line.split("|")[2].strip() for line in flagged) == ["speedup_over_offload"] * 2 + ["tokens_per_s"] * 2
+    assert all(line.startswith("| lru-") for line in flagged)
     changes = [float(line.split("|")[5].strip().rstrip("%")) for line in flagged]
     assert all(-34 < ch < -26 for ch in changes), changes  # 30% slower, give or take the 3% noise
 
@@ -83,12 +87,13 @@ def test_a_metric_can_have_its_own_threshold(tmp_path):
 
 
 def test_change_in_bytes_per_token_is_flagged_exactly(tmp_path):
-    base = write_run(tmp_path, "base", matrix(seed=1))
-    cand = write_run(tmp_path, "cand", matrix(seed=2, bytes_change=("specmoe", 4097.0)))  # +0.02%: still flagged
+    fixed = {"adaptive": False}  # as in the CI matrix: with speculation switched by timings the bytes vary
+    base = write_run(tmp_path, "base-fixed", matrix(seed=1, spec_options=fixed))
+    cand = write_run(tmp_path, "cand", matrix(seed=2, bytes_change=("specmoe", 4097.0), spec_options=fixed))
     res = run_cli("--baseline", base, "--candidate", cand)
     assert res.exit_code == 1, res.output
     flagged = [line for line in res.output.splitlines() if "**regression**" in line]
-    assert len(flagged) == 2 and all("h2d_bytes_per_token" in line and "specmoe-" in line for line in flagged)
+    assert len(flagged) == 2 and all("h2d_bytes_per_token" in line and "| specmoe[" in line for line in flagged)
     assert "deterministic" in flagged[0]
 
 
@@ -100,8 +105,8 @@ def test_fewer_bytes_per_token_is_flagged_as_changed():
 
 def test_bytes_per_token_on_gpu_uses_the_threshold():
     comp = compare_runs(matrix(1, hardware="cuda"), matrix(2, hardware="cuda", bytes_change=("lru", 4100.0)), 0.1)
-    rows = [r for r in comp.rows if r.metric == "h2d_bytes_per_token"]
-    assert all(r.status == "ok" for r in rows) and not comp.failed
+    rows = [r for r in comp.rows if r.metric == "h2d_bytes_per_token" and not r.cell.startswith("specmoe")]
+    assert len(rows) == 4 and all(r.status == "ok" for r in rows) and not comp.failed
 
 
 def test_slowdown_with_too_few_samples_is_not_significant():
@@ -124,7 +129,7 @@ def test_ratio_past_threshold_but_overlapping_samples_is_not_significant():
 def test_equivalence_lost_is_a_regression():
     comp = compare_runs(matrix(1), matrix(2)[:-1] + [make_cell("specmoe", 4, 440, seed=2, equivalent=False)], 0.1)
     bad = {(r.cell.split("-")[0], r.metric) for r in comp.rows if r.flagged}
-    assert ("specmoe", "equivalent") in bad and ("specmoe", "exact_match_rate") in bad
+    assert bad == {("specmoe", "equivalent"), ("specmoe", "exact_match_rate")}
 
 
 def test_absent_metric_is_reported_absent_not_regression():
@@ -159,17 +164,97 @@ def test_environment_difference_warns(tmp_path):
                         "'2.11.0+cu130' in the candidate"]
 
 
+def check_github_action_benchmark(entries: list) -> None:
+    """What benchmark-action/github-action-benchmark's custom tools read (its BenchmarkResult): a list of objects
+    with name (string, unique: the action keys its charts by it), unit (string) and value (a number, not a
+    boolean), and optionally range and extra, both strings; nothing else."""
+    assert isinstance(entries, list)
+    for e in entries:
+        assert isinstance(e, dict) and {"name", "unit", "value"} <= set(e) <= {"name", "unit", "value", "range",
+                                                                               "extra"}, e
+        assert isinstance(e["name"], str) and isinstance(e["unit"], str) and e["unit"], e
+        assert isinstance(e["value"], (int, float)) and not isinstance(e["value"], bool), e
+        assert all(isinstance(e[k], str) for k in ("range", "extra") if k in e), e
+    names = [e["name"] for e in entries]
+    assert len(names) == len(set(names))
+
+
 def test_github_action_benchmark_json(tmp_path):
     base = write_run(tmp_path, "base", matrix(seed=1))
-    cand = write_run(tmp_path, "cand", matrix(seed=2))
+    cand = write_run(tmp_path, "cand", matrix(seed=2, slow_engine="lru", slowdown=0.3))
     res = run_cli("--baseline", base, "--candidate", cand, "--json-out", tmp_path / "gh.json")
+    assert res.exit_code == 1, res.output
+    raw = {k: (tmp_path / f"gh.{k}.json").read_text() for k in ("bigger", "smaller")}
+    bigger, smaller = json.loads(raw["bigger"]), json.loads(raw["smaller"])
+    check_github_action_benchmark(bigger)
+    check_github_action_benchmark(smaller)
+    tps = {e["name"].split()[0]: e for e in bigger if e["name"].endswith(" tokens_per_s")}
+    assert len(tps) == 6 and all(e["unit"] == "tokens/s" and e["value"] > 0 and e["range"].startswith("± ")
+                                 for e in tps.values())
+    lru = next(e for k, e in tps.items() if k.startswith("lru-") and "-b4-" in k)
+    assert "regression" in lru["extra"] and lru["extra"].startswith("baseline ")
+    assert {e["unit"] for e in bigger if e["name"].endswith(" speedup_over_offload")} == {"x"}
+    assert {e["name"].split()[-1] for e in smaller} == {"h2d_bytes_per_token"}  # lower is better: bytes
+    assert all(not e["name"].endswith((" equivalent", " status")) or e["unit"] == "bool" for e in bigger)
+    assert "NaN" not in raw["bigger"] + raw["smaller"]
+
+
+def test_adaptive_specmoe_counts_are_left_out_with_the_reason_and_its_tokens_still_compared(tmp_path):
+    """adaptive on/off follows measured tokens/s, so two runs of one commit differ in bytes and tokens per step."""
+    adaptive = {"options": {}}  # the default: adaptive on
+    base = [make_cell("specmoe", b, 200, 4096.0, seed=1, tokens_per_step=1.3, **adaptive) for b in (1, 4)]
+    cand = [make_cell("specmoe", b, 200, 4500.0, seed=2, tokens_per_step=1.1, **adaptive) for b in (1, 4)]
+    cand[1].metrics.equivalent, cand[1].metrics.exact_match_rate = False, 0.5
+    comp = compare_runs(base, cand, 0.1)
+    by = {(next(p for p in r.cell.split("-") if p[0] == "b"), r.metric): r for r in comp.rows}
+    for b in ("b1", "b4"):
+        for m in ("h2d_bytes_per_token", "tokens_per_step", "expert_hit_rate"):
+            assert by[b, m].status == "left out" and "adaptive=True" in by[b, m].note, by[b, m]
+    assert by["b1", "equivalent"].status == "ok" and by["b4", "equivalent"].status == "regression"
+    text = run_cli("--baseline", write_run(tmp_path, "b", base), "--candidate", write_run(tmp_path, "c", cand)).output
+    assert "| left out | left out: specmoe adaptive=True (speculation is switched on or off by measured" in text
+
+
+def test_runs_of_one_side_are_pooled_and_a_count_that_varies_between_them_is_flagged(tmp_path):
+    """Several runs a side (rounds of one job): each run's median is one sample, as the iterations of one run share
+    its machine state; a run slowed by something else running is outvoted by the others."""
+    base = [write_run(tmp_path, f"b{i}", matrix(seed=10 + i)) for i in range(5)]
+    cand = [write_run(tmp_path, f"c{i}", matrix(seed=20 + i, slow_engine="offload", slowdown=0.3, n=2))
+            for i in range(5)]
+    cand.append(write_run(tmp_path, "c-busy", matrix(seed=30, slowdown=0.5, slow_engine="lru")))
+    args = [a for b in base for a in ("--baseline", b)] + [a for c in cand for a in ("--candidate", c)]
+    res = run_cli(*args, "--threshold", "20%", "--timings", "only")
+    assert res.exit_code == 1, res.output
+    flagged = [line for line in res.output.splitlines() if "**regression**" in line]
+    assert {line.split("|")[2].strip() for line in flagged} == {"tokens_per_s"}
+    assert len(flagged) == 2 and all(line.startswith("| offload-") and "medians of 5 vs 6 runs" in line
+                                     for line in flagged)  # offload slower in every run; lru in one only
+    assert "h2d_bytes_per_token" not in res.output  # --timings only
+    res = run_cli(*args[:2], *args[10:12], "--timings", "only")  # one run a side: per-iteration samples
+    assert "medians of 6 vs 2 samples" in res.output
+    varying = matrix(seed=21)
+    varying[0].metrics.h2d_bytes_per_token = 4000.0
+    cand[1] = write_run(tmp_path, "c1-varies", varying)
+    res = run_cli("--baseline", base[0], *[a for c in cand for a in ("--candidate", c)], "--timings", "no")
+    flagged = [line for line in res.output.splitlines() if "**" in line]
+    assert res.exit_code == 1 and len(flagged) == 1 and "varies between runs of one side (1 vs 6 runs)" in flagged[0]
+
+
+def test_timings_left_out_say_so_and_counts_still_compared(tmp_path):
+    base = write_run(tmp_path, "base", matrix(seed=1))
+    cand = write_run(tmp_path, "cand", matrix(seed=2, slow_engine="lru", slowdown=0.5))
+    res = run_cli("--baseline", base, "--candidate", cand, "--timings", "no")
     assert res.exit_code == 0, res.output
-    bigger = json.loads((tmp_path / "gh.bigger.json").read_text())
-    smaller = json.loads((tmp_path / "gh.smaller.json").read_text())
-    tps = [e for e in bigger if e["name"].endswith(" tokens_per_s")]
-    assert len(tps) == 6 and all(e["unit"] == "tokens/s" and e["value"] > 0 and "range" in e for e in tps)
-    assert {e["name"].split()[-1] for e in smaller} == {"h2d_bytes_per_token"}
-    assert all(set(e) <= {"name", "unit", "value", "range", "extra"} for e in bigger + smaller)
+    assert "| tokens_per_s |" not in res.output and "| speedup_over_offload |" not in res.output
+    assert "timings left out (36 rows, --timings no)" in res.output
+    assert res.output.count("| h2d_bytes_per_token |") == 6
+
+
+def test_too_few_samples_is_said_plainly():
+    comp = compare_runs(matrix(1, n=3), matrix(2, n=3, slow_engine="offload", slowdown=0.5), 0.1)
+    from harness.regress import render_markdown
+    text = render_markdown(comp, 0.1)
+    assert "timings not tested in" in text and "fewer than 4 samples a side" in text
 
 
 # -- bad input: one clear line, exit 2 ------------------------------------------------------------------------
@@ -220,14 +305,22 @@ def test_unknown_metric(tmp_path):
 
 def test_bad_threshold_and_missing_run(tmp_path):
     base = write_run(tmp_path, "base", matrix(seed=1))
-    assert "--threshold" in one_error_line(run_cli("--baseline", base, "--candidate", base, "--threshold", "ten"))
+    line = one_error_line(run_cli("--baseline", base, "--candidate", base, "--threshold", "ten"))
+    assert line == "error: --threshold 'ten': not a percentage; give one like 10% (or a fraction like 0.1)"
     assert "no such directory" in one_error_line(run_cli("--baseline", base, "--candidate", tmp_path / "nope"))
 
 
-def test_every_metric_of_the_schema_has_a_direction():
-    from harness.regress import DIRECTION, NOT_COMPARED
-    from harness.schema import METRIC_FIELDS
-    assert {m for m in DIRECTION if not m.startswith("nvml.")} == set(METRIC_FIELDS) - NOT_COMPARED
+def test_every_compared_metric_of_the_schema_has_a_rule():
+    from harness.regress import rule_for
+    from harness.schema import METRIC_FACTS
+    cpu, gpu = make_cell(), make_cell(hardware="cuda")
+    for name, fact in METRIC_FACTS.items():
+        if fact.compared:
+            assert rule_for(name, cpu, cpu).how in ("exact", "timing", "threshold"), name
+    assert rule_for("h2d_bytes_per_token", cpu, cpu).how == "exact"
+    assert rule_for("h2d_bytes_per_token", gpu, gpu).how == "threshold"
+    assert rule_for("tokens_per_s", cpu, cpu).how == rule_for("nvml.joules_per_token", gpu, gpu).how == "timing"
+    assert rule_for("equivalent", gpu, gpu).how == "exact"
 
 
 def test_load_run_round_trips(tmp_path):
@@ -235,10 +328,6 @@ def test_load_run_round_trips(tmp_path):
     loaded = load_run(write_run(tmp_path, "r", cells))
     assert sorted(c.config.key() for c in loaded) == sorted(c.config.key() for c in cells)
     assert loaded[0].samples["tokens_per_s"] and loaded[0].metrics.h2d_bytes_per_token == 4096.0
-
-
-if __name__ == "__main__":
-    pytest.main([__file__])
 
 
 def test_committed_cpu_baseline_covers_the_ci_matrix():
@@ -253,3 +342,11 @@ def test_committed_cpu_baseline_covers_the_ci_matrix():
     assert all(len(r.samples["tokens_per_s"]) >= 4 for r in baseline)  # enough for Mann-Whitney U
     # the CI cells must be deterministic in what regress compares exactly (adaptive speculation follows timings)
     assert all(r.config.engine_options.get("adaptive") is False for r in baseline if r.config.engine == "specmoe")
+
+
+def test_baseline_from_another_matrix_is_bad_input(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    other = write_run(tmp_path, "other", matrix(seed=1))
+    line = one_error_line(run_cli("--baseline", other, "--candidate", root / "results" / "baselines" / "cpu",
+                                  "--matrix", root / "matrices" / "ci.toml"))
+    assert line.startswith(f"error: baseline {other} was recorded from another matrix than ") and "ci.toml" in line

@@ -131,3 +131,31 @@ def test_unknown_nvml_cell_and_missing_run(tmp_path):
 
 if __name__ == "__main__":
     pytest.main([__file__])
+
+
+def test_cpu_time_figures_say_so_in_the_image_and_coinciding_engines_stay_visible():
+    """A reader of the PNG alone must see that the times are CPU times; offload and overlap move the same bytes,
+    so their lines coincide, and the one drawn first must still show around the one drawn over it."""
+    from harness.report import CPU_TIMES, _styles, collect, draw_panels
+    cells = matrix(seed=1) + [make_cell("overlap", b, 100.0 * b ** 0.5, seed=1) for b in (1, 4)]
+    for c in cells:
+        if c.config.engine in ("offload", "overlap"):
+            c.samples["tokens_per_s"] = [100.0 * c.config.batch_size ** 0.5] * 6
+            c.metrics.tokens_per_s = c.samples["tokens_per_s"][0]  # exactly the same values
+    styles = _styles(r.config.engine for r in cells)
+    tps = collect(cells, lambda r: r.metrics.tokens_per_s)
+    fig = draw_panels([(tps, "tokens/s")], "Throughput", styles, cpu_times=set(tps))
+    (ax,) = fig.axes
+    assert CPU_TIMES in ax.get_title() and CPU_TIMES in fig._suptitle.get_text()
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar: the data line of each series
+    off, over = lines["offload"], lines["overlap"]
+    assert list(off.get_ydata()) == list(over.get_ydata())
+    assert off.get_markersize() != over.get_markersize() and off.get_markerfacecolor() == "none"  # ring in ring
+    assert off.get_linewidth() != over.get_linewidth()
+    assert off.get_linestyle() != over.get_linestyle() and off.get_color() != over.get_color()
+    bytes_fig = draw_panels([(collect(cells, lambda r: r.metrics.h2d_bytes_per_token), "bytes")], "Bytes", styles)
+    assert CPU_TIMES not in bytes_fig.axes[0].get_title() + bytes_fig._suptitle.get_text()  # bytes are real
+    gpu = gpu_cells()
+    gpu_fig = draw_panels([(collect(gpu, lambda r: r.metrics.tokens_per_s), "tokens/s")], "Throughput",
+                          _styles(r.config.engine for r in gpu), cpu_times=set())
+    assert CPU_TIMES not in gpu_fig.axes[0].get_title()

@@ -115,17 +115,17 @@ def test_failing_cells_are_recorded_and_the_run_goes_on(tmp_path, plugin_env):
 
 
 def test_a_hanging_cell_is_killed_at_its_timeout(tmp_path, plugin_env):
-    m = write_matrix(tmp_path / "m.toml", ["boom-hang"], timeout_s=25)
+    m = write_matrix(tmp_path / "m.toml", ["boom-hang"], timeout_s=8)  # hangs either way: loading counts too
     t0 = time.time()
     out = subprocess.run(cli("run", str(m), "--run-id", "r", "--results-dir", str(tmp_path / "runs")),
                          env=plugin_env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and time.time() - t0 < 120
     (cell,) = cells(tmp_path / "runs" / "r").values()
-    assert cell["status"] == "failed" and cell["error"].startswith("timed out after 25 s")
+    assert cell["status"] == "failed" and cell["error"].startswith("timed out after 8 s")
 
 
 def test_sigkill_mid_run_loses_and_repeats_no_finished_cell(tmp_path, plugin_env):
-    m = write_matrix(tmp_path / "m.toml", ["offload", "resident"], batch_sizes=(1, 2))
+    m = write_matrix(tmp_path / "m.toml", ["offload", "resident", "lru"])
     args = cli("run", str(m), "--run-id", "r", "--results-dir", str(tmp_path / "runs"))
     run_dir = tmp_path / "runs" / "r"
     proc = subprocess.Popen(args, env=plugin_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -138,12 +138,12 @@ def test_sigkill_mid_run_loses_and_repeats_no_finished_cell(tmp_path, plugin_env
     proc.wait()
     time.sleep(2)  # a cell process left behind would finish its cell now; none may
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run_dir / "cells").glob("*.json")}
-    assert 1 <= len(before) < 4
+    assert 1 <= len(before) < 3
 
     out = subprocess.run(args, env=plugin_env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run_dir / "cells").glob("*.json")}
-    assert len(after) == 4
+    assert len(after) == 3
     assert all(after[name] == before[name] for name in before)  # not rewritten, not repeated
     assert out.stderr.count("already finished, skipped") == len(before)
     assert all(c["status"] == "ok" for c in cells(run_dir).values())

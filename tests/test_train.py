@@ -27,11 +27,6 @@ SMALL_ON_CPU = dict(vocab_size=300, hidden_size=32, intermediate_size=48, shared
                     heads=2, kv_heads=2, seq_len=32, batch_size=4, steps=3, eval_windows=2, tokenizer_chars=50_000)
 
 
-@pytest.fixture(scope="session")
-def tiny_path():
-    return trained_checkpoint("tiny")  # trains once per machine (a few minutes), then cached
-
-
 @pytest.mark.slow
 def test_tiny_learns_below_the_unigram_baseline_with_non_uniform_routing(tiny_path):
     m = json.loads((tiny_path / "training.json").read_text())

@@ -1,0 +1,148 @@
+"""`specmoe-bench continuous`: asv's `continuous` for this harness. The base commit (checked out in a git worktree)
+and the candidate (this working tree) run one matrix in turns, A B A B, on the same machine in the same job; their
+timings are compared with each other (pooled samples, ratio threshold and Mann-Whitney U), never with times taken on
+another day, and the candidate's counted metrics are compared exactly with a committed baseline.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from engines.errors import BadInput
+
+from . import regress
+from .env import REPO_ROOT
+from .results import atomic_write_text
+
+
+def git(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def resolve_base(ref: str) -> str:
+    """The commit a ref names; BadInput when it names none (a typo, or a shallow clone without the parent)."""
+    out = git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    if out.returncode != 0:
+        hint = " (a shallow clone? fetch at least 2 commits, or give --base REF)" if ref.startswith("HEAD") else ""
+        raise BadInput(f"--base {ref!r}: no such commit in {REPO_ROOT}{hint}")
+    return out.stdout.strip()
+
+
+def check_inputs(matrix_file: str, base: str, rounds: int, thresholds: tuple[str, ...], baseline: str | None):
+    """Everything that can be wrong with the command line, found before anything is measured."""
+    from .matrix import load
+    if rounds < 1:
+        raise BadInput(f"--rounds {rounds}: measure each side at least once (4 or more for a significance test)")
+    m = load(matrix_file)
+    sha = resolve_base(base)
+    thr = regress.parse_thresholds(thresholds)
+    if baseline:
+        regress.check_same_cells(baseline, regress.load_run(baseline), matrix_file, [c.key() for c in m.cells])
+    return m, sha, thr
+
+
+def measure(tree: Path, matrix_file: Path, run_id: str, job_dir: Path) -> tuple[bool, float]:
+    """One run of the matrix with the code of `tree` (its harness, engines and workloads imported from there)."""
+    t0 = time.perf_counter()
+    with open(job_dir / f"{run_id}.log", "w") as log:
+        rc = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(matrix_file), "--run-id", run_id,
+                             "--results-dir", str(job_dir), "--quiet"], cwd=tree, stdout=log, stderr=log).returncode
+    # exit 1: a cell failed, and its failure is in its cell file, which `regress` reports; other codes: no run
+    return rc in (0, 1) and (job_dir / run_id / "cells").is_dir(), time.perf_counter() - t0
+
+
+def run_continuous(matrix_file: str, base: str, rounds: int, thresholds: tuple[str, ...], baseline: str | None,
+                   job_dir: Path, echo=click.echo) -> int:
+    m, sha, (thr, per_metric) = check_inputs(matrix_file, base, rounds, thresholds, baseline)
+    matrix_path, job_dir = Path(matrix_file).resolve(), job_dir.resolve()  # the base runs from another directory
+    job_dir.mkdir(parents=True, exist_ok=True)
+    worktree = Path(tempfile.mkdtemp(prefix="specmoe-base-"))
+    echo(f"base {base} = {sha[:10]} in a worktree at {worktree}; candidate: the working tree {REPO_ROOT}")
+    try:
+        out = git("worktree", "add", "--detach", "--force", str(worktree), sha)
+        if out.returncode != 0:
+            raise BadInput(f"--base {base!r}: git worktree add failed: {out.stderr.strip()}")
+        runs: dict[str, list[str]] = {"base": [], "candidate": []}
+        for r in range(1, rounds + 1):
+            for side, tree in (("base", worktree), ("candidate", REPO_ROOT)):
+                run_id = f"{side}-{r}"
+                ok, wall = measure(tree, matrix_path, run_id, job_dir)
+                echo(f"round {r}/{rounds}: {side} {'measured' if ok else 'FAILED to run'} in {wall:.0f} s "
+                     f"({job_dir / run_id})")
+                if ok:
+                    runs[side].append(str(job_dir / run_id))
+    finally:
+        git("worktree", "remove", "--force", str(worktree))
+        shutil.rmtree(worktree, ignore_errors=True)
+        git("worktree", "prune")
+    return report(runs, baseline, thr, per_metric, job_dir, sha, echo)
+
+
+def report(runs: dict[str, list[str]], baseline: str | None, thr: float, per_metric: dict, job_dir: Path, sha: str,
+           echo) -> int:
+    """Counts of the candidate against the committed baseline, exactly; timings of the candidate against the base."""
+    if not runs["candidate"]:
+        raise BadInput(f"the candidate could not run the matrix at all: see {job_dir}/candidate-1.log")
+    cand = regress.load_side(runs["candidate"])
+    sections, rows, failed = [], [], False
+    if baseline:
+        comp = regress.compare_runs(regress.load_side([baseline]), cand, thr, per_metric=per_metric, timings="no")
+        sections.append(f"## Counted metrics of the candidate against the committed baseline {baseline}\n\n"
+                        + regress.render_markdown(comp, thr, per_metric))
+        rows, failed = rows + comp.rows, failed or comp.failed
+    if runs["base"]:
+        comp = regress.compare_runs(regress.load_side(runs["base"]), cand, thr, per_metric=per_metric,
+                                    timings="only")
+        sections.append(f"## Timings of the candidate against the base {sha[:10]}, measured in turns in this job "
+                        f"({len(runs['base'])} vs {len(runs['candidate'])} runs)\n\n"
+                        + regress.render_markdown(comp, thr, per_metric))
+        rows, failed = rows + comp.rows, failed or comp.failed
+    else:
+        sections.append(f"## Timings not compared\n\nthe base {sha[:10]} could not run the matrix "
+                        f"(see {job_dir}/base-1.log), so there is nothing measured in this job to compare them with\n")
+    text = "\n".join(sections)
+    atomic_write_text(job_dir / "regress.md", text)
+    written = regress.write_github_json(job_dir / "github-benchmark.json", rows)
+    echo(text, nl=False)
+    echo(f"wrote {job_dir / 'regress.md'}, {written[0]} and {written[1]}")
+    echo(f"continuous: {'REGRESSION' if failed else 'no regression'}")
+    return 1 if failed else 0
+
+
+@click.command("continuous", help="Measure the base commit and this working tree on MATRIX in turns (A B A B), "
+                                  "compare their timings with each other and the candidate's counted metrics with "
+                                  "a baseline run; exit 1 on a regression, 2 on bad input.")
+@click.argument("matrix_file", metavar="MATRIX.toml")
+@click.option("--base", default="HEAD^", show_default=True, metavar="REF",
+              help="The commit to compare with (checked out in a temporary git worktree).")
+@click.option("--rounds", type=int, default=5, show_default=True,
+              help="Runs of each side, in turns; each run's median is one sample (at least 4 to be tested).")
+@click.option("--threshold", "thresholds", multiple=True, default=["10%"], show_default=True,
+              metavar="PCT|METRIC=PCT", help="As for `regress`.")
+@click.option("--baseline", default=None, metavar="RUN_DIR",
+              help="A committed run of the same matrix (results/baselines/cpu) whose counted metrics the candidate "
+                   "must match; its timings are not used.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help="Where the runs and the report go. Default: results/runs/continuous-<base>-<time>.")
+@click.option("--check-only", is_flag=True, help="Check the command line (matrix, base, thresholds, baseline) "
+                                                 "and exit.")
+def continuous_command(matrix_file, base, rounds, thresholds, baseline, out_dir, check_only):
+    try:
+        if check_only:
+            check_inputs(matrix_file, base, rounds, thresholds, baseline)
+            return
+        job = out_dir or REPO_ROOT / "results" / "runs" / time.strftime("continuous-%Y%m%dT%H%M%S")
+        sys.exit(run_continuous(matrix_file, base, rounds, thresholds, baseline, job))
+    except BadInput as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    continuous_command()
