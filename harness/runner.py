@@ -22,6 +22,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from engines.errors import BadInput
+
 from .cell import PROGRESS_PREFIX
 from .env import REPO_ROOT, environment
 from .results import ResultNotSaved, RunDir, cell_filename
@@ -321,11 +323,10 @@ def run_matrix(cells: list[CellConfig], run: RunDir, progress, save_outputs: boo
 
 def _record_bounds(run: RunDir) -> None:
     """The hardware-bound probes the cells made, into run.json (harness/bounds.py)."""
-    from engines.errors import BadInput as EngineBadInput
     from harness import bounds
     found = bounds.recorded(run.path)
     if found:
-        with contextlib.suppress(OSError, ValueError, EngineBadInput):
+        with contextlib.suppress(OSError, ValueError, BadInput):
             meta = run.read_meta()
             if meta:
                 meta["hardware_bounds"] = found
