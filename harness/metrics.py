@@ -3,6 +3,9 @@
 Definitions (per iteration, then the mean over iterations; `samples` keeps the per-iteration values):
   tokens_per_s          output tokens of all sequences / (t_end - t_start); prefill included
   decode_tokens_per_s   tokens emitted by decode steps / (last step time - t_first); absent with no decode step
+  steady_tokens_per_s   the same over the leading decode steps that began with every row of the batch still
+                        generating (Generation.step_rows): the rate before the ragged tail of a batch whose rows
+                        finish at different steps; absent where the engine does not record step_rows
   prefill_tokens_per_s  prompt tokens of all sequences / TTFT
   ttft_ms               t_first - t_start: the whole batch's first tokens are known
   tpot_ms_pNN           percentiles over every decode step of every iteration of the per-token time of that step
@@ -33,8 +36,8 @@ from .schema import Metrics
 # Per-iteration values kept in CellResult.samples (significance tests compare these across runs).
 # max_step_ms (the longest decode step) and host_gc_ms (Python's garbage collector inside the call, timed by the
 # runner) are there to tell an iteration with a stall from a uniformly slow one.
-SAMPLE_KEYS = ("tokens_per_s", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "e2e_latency_ms",
-               "tpot_ms_p50", "h2d_bytes_per_token", "h2d_gb_per_s", "max_step_ms", "host_gc_ms")
+SAMPLE_KEYS = ("tokens_per_s", "decode_tokens_per_s", "steady_tokens_per_s", "prefill_tokens_per_s", "ttft_ms",
+               "e2e_latency_ms", "tpot_ms_p50", "h2d_bytes_per_token", "h2d_gb_per_s", "max_step_ms", "host_gc_ms")
 
 
 def _ratio(num, den) -> float | None:
@@ -71,6 +74,7 @@ def iteration_values(g: Generation) -> dict[str, float | None]:
         "output_tokens": out_tokens,
         "tokens_per_s": _ratio(out_tokens, e2e),
         "decode_tokens_per_s": _ratio(decode_tokens, decode_time) if decode_tokens else None,
+        "steady_tokens_per_s": steady_tokens_per_s(g),
         "prefill_tokens_per_s": _ratio(sum(g.prompt_lens), ttft),
         "ttft_ms": ttft * 1e3,
         "e2e_latency_ms": e2e * 1e3,
@@ -81,6 +85,17 @@ def iteration_values(g: Generation) -> dict[str, float | None]:
         "max_step_ms": max(((b - a) * 1e3 for a, b in zip([g.t_first] + g.step_times, g.step_times)), default=None),
         "host_gc_ms": stats.host_gc_ms,
     }
+
+
+def steady_tokens_per_s(g: Generation) -> float | None:
+    """Tokens / time of the leading decode steps that began with every row still generating (see the docstring)."""
+    if g.step_rows is None:
+        return None
+    batch, steady = len(g.tokens), 0
+    while steady < len(g.step_rows) and g.step_rows[steady] == batch:
+        steady += 1
+    tokens = sum(g.step_tokens[:steady])
+    return _ratio(tokens, g.step_times[steady - 1] - g.t_first) if tokens else None
 
 
 def tpot_samples_ms(g: Generation) -> list[float]:
@@ -125,6 +140,7 @@ def compute(gens: list[Generation]) -> tuple[Metrics, dict[str, list[float]]]:
     m = Metrics(
         tokens_per_s=_mean(p["tokens_per_s"] for p in per),
         decode_tokens_per_s=_mean(p["decode_tokens_per_s"] for p in per),
+        steady_tokens_per_s=_mean(p["steady_tokens_per_s"] for p in per),
         prefill_tokens_per_s=_mean(p["prefill_tokens_per_s"] for p in per),
         ttft_ms=_mean(p["ttft_ms"] for p in per),
         tpot_ms_p50=percentile(tpot, 50),

@@ -164,6 +164,8 @@ class Metrics:
     # throughput and latency (means over measured iterations)
     tokens_per_s: float | None = _metric(**_RATE, help="output tokens / end-to-end time (prefill included)")
     decode_tokens_per_s: float | None = _metric(**_RATE, help="tokens after the first / time after the first token")
+    steady_tokens_per_s: float | None = _metric(**_RATE, help="the same over the decode steps in which every row of "
+                                                              "the batch was still generating (no ragged tail)")
     prefill_tokens_per_s: float | None = _metric(**_RATE, help="prompt tokens / time to first token")
     ttft_ms: float | None = _metric(**_MS, fmt=".1f")
     tpot_ms_p50: float | None = _metric(**_MS, fmt=".2f", help="per-output-token time of each decode step, "
