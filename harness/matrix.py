@@ -236,7 +236,7 @@ def validate_cells(cells: list[CellConfig], source: str, check_hardware: bool = 
     from engines import registry
     from engines.hardware import HardwareProfile
     from workloads.models import check_model
-    from workloads.prompts import check_workload
+    from workloads.prompts import check_calibration, check_workload
 
     checked: dict = {}
 
@@ -254,3 +254,4 @@ def validate_cells(cells: list[CellConfig], source: str, check_hardware: bool = 
         once("model", (c.model, c.model_layers, c.dtype), check_model)
         once("hardware", (c.hardware,), lambda v: HardwareProfile.parse(v, check_available=check_hardware))
         once("workload", (c.workload,), check_workload)
+        once("calibration", (c.calibration, c.workload), check_calibration)

@@ -28,6 +28,10 @@ class CellConfig:
     batch_size: int
     hardware: str
     workload: str = "synthetic-ids"
+    # what engines that profile (caching, specmoe's hot-global) run their profiling pass on: "split", the workload's
+    # own calibration split (never the measured prompts), or another workload; their option profile=oracle profiles
+    # on the measured prompts instead
+    calibration: str = "split"
     engine_options: dict[str, Any] = field(default_factory=dict)
     model_layers: int | None = None  # load only this many decoder layers (big presets)
     dtype: str = "float32"
@@ -58,6 +62,7 @@ class CellConfig:
                  f"L{self.model_layers}" if self.model_layers else "", self.dtype, f"b{self.batch_size}",
                  self.hardware.replace(":", "_").replace("=", "-").replace("%", "pct"),
                  _short(self.workload.replace("/", "_")),
+                 "" if self.calibration == "split" else "cal-" + _short(self.calibration.replace("/", "_")),
                  f"p{self.prompt_len}", f"n{self.max_new_tokens}",
                  f"t{self.temperature}" if self.temperature else "", f"s{self.seed}"]
         return "-".join(p for p in parts if p)

@@ -58,6 +58,21 @@ def test_engine_option_from_the_command_line_is_coerced_by_the_engine(capsys, tm
     assert "engine 'specmoe' option gamma='2.5': expected a whole number" in err
 
 
+def test_a_profile_that_is_not_one_of_its_choices(capsys, tmp_path):
+    err = refused(["run", matrix(tmp_path, engine="caching", options='profile = "measured"')], capsys, tmp_path)
+    assert "caching profile='measured'; allowed: calibration, oracle" in err
+
+
+def test_a_calibration_set_that_does_not_exist(capsys, tmp_path):
+    missing = tmp_path / "calibration.jsonl"
+    err = refused(["run", matrix(tmp_path, engine="caching", settings=f'calibration = "{missing}"')], capsys,
+                  tmp_path)
+    assert f"calibration '{missing}': workload '{missing}': no such file" in err and "or use 'split'" in err
+    err = refused(["run", matrix(tmp_path, engine="caching", workload="code-heldout",
+                                 settings='calibration = "code-heldout"')], capsys, tmp_path)
+    assert "calibration 'code-heldout' is the cell's own workload" in err
+
+
 def test_equal_options_spelled_differently_name_one_cell():
     from harness.matrix import parse
     m = parse('[matrix]\nengines = ["specmoe"]\nmodels = ["tiny-mixtral-random"]\nbatch_sizes = [1]\n'
