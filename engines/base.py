@@ -52,6 +52,9 @@ def make_options(engine: str, cls: type, given: dict):
 
 
 def _coerce(engine: str, name: str, f: dataclasses.Field, value):
+    words = f.metadata.get("words")
+    if words:  # a whole number or one of a few words (gamma = 4 or auto)
+        return _whole_or_word(engine, name, value, words)
     kind = type(f.default) if f.default is not dataclasses.MISSING and f.default is not None else \
         {"int": int, "float": float, "bool": bool}.get(str(f.type), str)
     bad = BadInput(f"engine {engine!r} option {name}={value!r}: expected "
@@ -73,6 +76,16 @@ def _coerce(engine: str, name: str, f: dataclasses.Field, value):
     if kind is int and isinstance(value, float) and value != number:
         raise bad
     return number
+
+
+def _whole_or_word(engine: str, name: str, value, words: tuple[str, ...]):
+    if isinstance(value, str) and value.strip() in words:
+        return value.strip()
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise BadInput(f"engine {engine!r} option {name}={value!r}: expected a whole number or {' or '.join(words)}")
 
 
 class Engine:

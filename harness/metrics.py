@@ -19,6 +19,10 @@ Definitions (per iteration, then the mean over iterations; `samples` keeps the p
   tokens_per_step       tokens a sequence gains per decode step, bonus token included (vLLM's convention):
                         sum(step_tokens) / seq_steps; 1.0 for plain decoding
   acceptance_rate       accepted / drafted tokens; absent for engines that do not draft
+  acceptance_by_position  the same per draft position j (drafted there: every live row of a step of length >= j)
+  draft_forward_ms, verify_pass_ms   draft / verification time over the draft forwards / verification passes
+  gamma_chosen          the draft length of most decode steps over the iterations (0: plain steps)
+  prefetch_*_bytes      draft-guided prefetch: copied, used by the verification, wasted (per iteration)
   weight_read_bytes     weight bytes the forwards read from device memory: non-expert weights (less the input
                         embedding, of which only the tokens' rows are read) plus each MoE layer's distinct experts
   bound_tokens_per_s, pct_of_bound, bound   the cell against its hardware bound (harness/bounds.py)
@@ -117,6 +121,32 @@ def _sum_stat(gens: list[Generation], key: str) -> float | None:
     return sum(values)
 
 
+def _speculation(gens: list[Generation], n: int) -> dict:
+    """The Metrics fields of draft lengths, per-position acceptance, forward times and prefetch (absent: None)."""
+    stats = [GenerationStats.of(g.stats) for g in gens]
+    out = {k: _per_iteration(gens, k, n) for k in ("prefetch_h2d_bytes", "prefetch_used_bytes",
+                                                   "prefetch_wasted_bytes")}
+    out["draft_forward_ms"] = _ratio(_sum_stat(gens, "draft_time_s"), _sum_stat(gens, "draft_forwards"))
+    out["verify_pass_ms"] = _ratio(_sum_stat(gens, "verify_time_s"), _sum_stat(gens, "spec_steps"))
+    out = {k: (v * 1e3 if k.endswith("_ms") and v is not None else v) for k, v in out.items()}
+    if all(s.drafted_by_position is not None for s in stats):
+        drafted = [sum(col) for col in zip(*(s.drafted_by_position for s in stats))]
+        accepted = [sum(col) for col in zip(*(s.accepted_by_position for s in stats))]
+        out["acceptance_by_position"] = [_ratio(a, d) for a, d in zip(accepted, drafted)]
+    if all(s.steps_by_gamma for s in stats):
+        steps: dict[int, int] = {}
+        for s in stats:
+            for gamma, k in s.steps_by_gamma.items():
+                steps[int(gamma)] = steps.get(int(gamma), 0) + k
+        out["gamma_chosen"] = max(steps, key=lambda gamma: (steps[gamma], gamma))
+    return out
+
+
+def _per_iteration(gens: list[Generation], key: str, n: int) -> int | None:
+    total = _sum_stat(gens, key)
+    return None if total is None else round(total / n)
+
+
 def compute(gens: list[Generation]) -> tuple[Metrics, dict[str, list[float]]]:
     """Metrics (means per iteration) and per-iteration samples from the measured Generations."""
     if not gens:
@@ -163,5 +193,6 @@ def compute(gens: list[Generation]) -> tuple[Metrics, dict[str, list[float]]]:
         draft_h2d_bytes=None if per_iter("draft_h2d_bytes") is None else round(per_iter("draft_h2d_bytes")),
         verify_h2d_bytes=None if per_iter("verify_h2d_bytes") is None else round(per_iter("verify_h2d_bytes")),
         weight_read_bytes=None if per_iter("weight_read_bytes") is None else round(per_iter("weight_read_bytes")),
+        **_speculation(gens, n),
     )
     return m, samples

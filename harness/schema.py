@@ -207,7 +207,22 @@ class Metrics:
     draft_time_ms: float | None = _metric(**_MS, fmt=".1f")
     verify_time_ms: float | None = _metric(**_MS, fmt=".1f")
     draft_h2d_bytes: int | None = _metric("bytes", "lower", "bytes", cpu_exact=True)
-    verify_h2d_bytes: int | None = _metric("bytes", "lower", "bytes", cpu_exact=True)
+    verify_h2d_bytes: int | None = _metric("bytes", "lower", "bytes", cpu_exact=True,
+                                           help="per iteration: verification's own copies (not the prefetched)")
+    acceptance_by_position: list[float | None] | None = _metric(
+        "ratio", None, "list", cpu_exact=True, compared=False,
+        help="[j]: accepted / drafted tokens at draft position j + 1 (a token is accepted only if all before it were)")
+    draft_forward_ms: float | None = _metric(**_MS, fmt=".3f", help="one draft forward (CUDA events on a GPU)")
+    verify_pass_ms: float | None = _metric(**_MS, fmt=".2f", help="one verification forward (CUDA events on a GPU)")
+    gamma_chosen: int | None = _metric("tokens", None, "count", cpu_exact=True, compared=False,
+                                       help="the draft length used for most decode steps (0: plain steps)")
+    # draft-guided prefetch (specmoe prefetch=draft; absent without it), per iteration
+    prefetch_h2d_bytes: int | None = _metric("bytes", None, "bytes", cpu_exact=True,
+                                             help="experts copied ahead of verification from the drafts' routing")
+    prefetch_used_bytes: int | None = _metric("bytes", "higher", "bytes", cpu_exact=True,
+                                              help="of those, routed by the verification they were copied for")
+    prefetch_wasted_bytes: int | None = _metric("bytes", "lower", "bytes", cpu_exact=True,
+                                                help="of those, not routed by that verification")
     # memory
     peak_device_mem_bytes: int | None = _metric("bytes", "lower", "bytes")
     host_rss_bytes_max: int | None = _metric("bytes", "lower", "bytes")

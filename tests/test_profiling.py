@@ -7,7 +7,7 @@ from engines.base import Engine, RuntimeEngine, prepare_engine
 from harness.cell import measure_cell
 from harness.schema import CellConfig
 
-PROFILERS = [("caching", {})]
+PROFILERS = [("caching", {}), ("specmoe", {"draft_policy": "hot-global", "adaptive": False})]
 
 
 def profiled_prompts(monkeypatch) -> list:

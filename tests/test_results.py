@@ -78,6 +78,24 @@ def test_steady_rate_counts_the_steps_before_the_first_row_finished():
     assert metrics.compute([g])[0].steady_tokens_per_s is None
 
 
+def test_per_position_acceptance_draft_lengths_and_prefetch_bytes():
+    def gen(steps_by_gamma, drafted, accepted, prefetch):
+        return Generation(tokens=[[1] * 8], prompt_lens=[4], t_start=0.0, t_first=0.1, step_times=[0.2],
+                          step_tokens=[7], t_end=0.2, step_rows=[1],
+                          stats=dict(drafted_by_position=drafted, accepted_by_position=accepted, spec_steps=2,
+                                     draft_forwards=6, draft_time_s=0.006, verify_time_s=0.02,
+                                     steps_by_gamma=steps_by_gamma, prefetch_h2d_bytes=prefetch,
+                                     prefetch_used_bytes=prefetch // 2, prefetch_wasted_bytes=prefetch // 2))
+    m, _ = metrics.compute([gen({4: 2, 0: 1}, [2, 2, 2, 2], [2, 1, 1, 0], 400),
+                            gen({4: 1, 2: 3}, [4, 4, 1, 1], [4, 2, 0, 0], 200)])
+    assert m.acceptance_by_position == pytest.approx([1.0, 0.5, 1 / 3, 0.0])
+    assert m.gamma_chosen == 4  # 3 steps of gamma 4 against 3 of gamma 2: the longer on a tie
+    assert m.draft_forward_ms == pytest.approx(1.0) and m.verify_pass_ms == pytest.approx(10.0)
+    assert (m.prefetch_h2d_bytes, m.prefetch_used_bytes, m.prefetch_wasted_bytes) == (300, 150, 150)
+    plain, _ = metrics.compute([plain_gen()])
+    assert plain.acceptance_by_position is None and plain.gamma_chosen is None and plain.prefetch_h2d_bytes is None
+
+
 def test_engine_without_counters_leaves_traffic_absent():
     g = plain_gen()
     g.stats = {}
