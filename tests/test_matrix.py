@@ -51,6 +51,23 @@ def test_expands_product_with_rules_and_options():
     assert all(c.workload == "synthetic-ids" for c in m.cells)
 
 
+def test_an_include_may_give_its_cells_engine_options():
+    text = GOOD + """
+[[include]]
+engine = "lru"
+model = "tiny-mixtral-random"
+batch_size = 1
+hardware = "cpu"
+options = { capacity = "2" }
+"""
+    lru = [c for c in matrix.parse(text, "m.toml").cells if c.engine == "lru" and c.batch_size == 1
+           and c.model == "tiny-mixtral-random"]
+    assert sorted(c.engine_options["capacity"] for c in lru) == ["2", "50%"]  # the include's and the axes' cell
+    assert len({c.key() for c in lru}) == 2
+    with pytest.raises(BadInput, match=r"\[\[include\]\] #2.options: must be a table of engine options"):
+        matrix.parse(text.replace('options = { capacity = "2" }', 'options = "2"'), "m.toml")
+
+
 @pytest.mark.parametrize("text, expected", [
     ("[matrix\nengines = 1", "m.toml: TOML syntax error"),
     (GOOD.replace("max_new_tokens = 8", "max_new_tokens = 8\nmax_new_token = 3"),
