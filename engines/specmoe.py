@@ -51,7 +51,7 @@ class SpecMoEOptions:
     draft_policy: str = field(default="hot-temporal", metadata={
         "help": "which experts are draft experts: hot-temporal (refreshed from recent verification passes), "
                 "hot-global (most used in a profiling pass, fixed), random (fixed, seeded)"})
-    prefetch: str = field(default="none", metadata={
+    prefetch: str = field(default="draft", metadata={
         "help": "draft: copy the experts the drafts' router chose (before substitution) while drafting, so "
                 "verification finds them on the device; none: the paper's deferred, coalesced copies in "
                 "verification only"})

@@ -96,7 +96,9 @@ def test_nospec_is_the_same_expert_management_without_drafting():
 
 
 def test_drafting_moves_nothing_and_verification_fetches_each_missing_expert_once_per_layer_and_pass():
-    engine = loaded("specmoe", "tiny-mixtral-random", torch.float32, gamma=4, draft_experts=2, adaptive=False)
+    """The paper's fetching (prefetch none): deferred to verification and coalesced."""
+    engine = loaded("specmoe", "tiny-mixtral-random", torch.float32, gamma=4, draft_experts=2, adaptive=False,
+                    prefetch="none")
     store, policy = engine.runtime.store, engine.policy
     copies = []
     original = store.copy_to_device
@@ -263,8 +265,8 @@ HALF = HardwareProfile(spec="cpu:half", device="cpu", expert_share=0.5)  # a CPU
 
 
 @pytest.mark.parametrize("options,n,window", [
-    (dict(draft_experts="budget"), 4, 0),  # 2 layers x 4 experts fill the budget of 8
-    (dict(draft_experts=6), 4, 0),  # more than fits: capped
+    (dict(draft_experts="budget", prefetch="none"), 4, 0),  # 2 layers x 4 experts fill the budget of 8
+    (dict(draft_experts=6, prefetch="none"), 4, 0),  # more than fits: capped
     (dict(draft_experts=2, prefetch="draft"), 2, 12),  # two layers' worth plus the 4 left over, at most the 12 others
     (dict(draft_experts="budget", prefetch="draft"), 4, 8),  # nothing left over: two layers' worth (2 x 8 > 8 others)
 ])
