@@ -223,10 +223,10 @@ class SpecMoEEngine(RuntimeEngine):
     speculate = True
 
     def make_policy(self, hardware):
-        store, o = self.runtime.store, self.options
+        o = self.options
         self.draft_experts = self._draft_experts(hardware)
-        drafts = self.speculate and o.prefetch == "draft"
-        self.prefetch_slots = self._prefetch_window(self.draft_experts) if drafts else 0
+        prefetching = self.speculate and o.prefetch == "draft"  # nospec never drafts, so it has nothing to prefetch
+        self.prefetch_slots = self._prefetch_window(self.draft_experts) if prefetching else 0
         self.lengths: dict[int, DraftLengthModel] = {}  # batch size -> its draft length model, kept across calls
         self.policy = SpecMoEPolicy(self.draft_experts, o.draft_policy, o.decay, o.seed, self.prefetch_slots)
         return self.policy

@@ -153,36 +153,46 @@ def load_workload(name_or_path: str, tokenizer=None, num_prompts: int | None = N
     encode, tokenization = _encoder(tokenizer, vocab_size)
 
     if name_or_path in BUILTIN:
-        stream: list[int] = []
-        for text in builtin_texts(name_or_path):
-            stream.extend(encode(text))
-        if calibrating and len(stream) // num_prompts < 2 * prompt_len:
-            raise BadInput(f"workload {name_or_path!r}: {num_prompts} prompts of {prompt_len} tokens leave no room in "
-                           f"its {len(stream)}-token stream for a calibration split of as many; name another "
-                           "workload as the calibration set, or use the engine option profile=oracle")
-        prompts = _windows(stream, num_prompts, prompt_len, seed, phase=0.5 if calibrating else 0.0)
-        return Workload(name_or_path, "builtin", prompts, prompt_len, output_len, tokenization,
-                        dict(description=BUILTIN[name_or_path], stream_tokens=len(stream), split=split,
-                             windows="halfway between the measured windows" if calibrating else "evenly spaced",
-                             wrapped=len(stream) < num_prompts * prompt_len))
+        source, prompts, notes = _text_windows(name_or_path, encode, num_prompts, prompt_len, seed, calibrating)
+    else:
+        source, prompts, notes = _text_rows(name_or_path, encode, num_prompts, prompt_len, text_column, calibrating)
+    return Workload(name_or_path, source, prompts, prompt_len, output_len, tokenization, dict(notes, split=split))
 
-    kind, ref = resolve_workload(name_or_path)
+
+def _text_windows(name: str, encode, n: int, length: int, seed: int, calibrating: bool):
+    """A built-in text workload's (source, prompts, notes): windows of its token stream (the calibration split:
+    halfway between them)."""
+    stream: list[int] = []
+    for text in builtin_texts(name):
+        stream.extend(encode(text))
+    if calibrating and len(stream) // n < 2 * length:
+        raise BadInput(f"workload {name!r}: {n} prompts of {length} tokens leave no room in its {len(stream)}-token "
+                       "stream for a calibration split of as many; name another workload as the calibration set, "
+                       "or use the engine option profile=oracle")
+    prompts = _windows(stream, n, length, seed, phase=0.5 if calibrating else 0.0)
+    return "builtin", prompts, dict(description=BUILTIN[name], stream_tokens=len(stream),
+                                    wrapped=len(stream) < n * length,
+                                    windows="halfway between the measured windows" if calibrating else "evenly spaced")
+
+
+def _text_rows(name: str, encode, n: int, length: int, text_column: str, calibrating: bool):
+    """A file's or hub dataset's (source, prompts, notes): a prompt per row (the calibration split: the rows after
+    those the batch uses)."""
+    kind, ref = resolve_workload(name)
     if kind == "file":
         texts, source = load_text_rows(Path(ref), text_column), "file"
     else:
-        texts, source = _hub_texts(name_or_path, text_column), "hub"
-    rows = [ids[:prompt_len] for ids in (encode(t) for t in texts) if ids]
+        texts, source = _hub_texts(name, text_column), "hub"
+    rows = [ids[:length] for ids in (encode(t) for t in texts) if ids]
     if not rows:
-        raise BadInput(f"workload {name_or_path!r} has no non-empty text in column {text_column!r}")
-    first = num_prompts if calibrating else 0  # the calibration split: the rows after those the batch uses
+        raise BadInput(f"workload {name!r} has no non-empty text in column {text_column!r}")
+    first = n if calibrating else 0
     if first >= len(rows):
-        raise BadInput(f"workload {name_or_path!r} has {len(rows)} rows and the batch uses {num_prompts}: no rows "
-                       "are left for a calibration split; name another workload as the calibration set, or use "
-                       "the engine option profile=oracle")
-    prompts = [rows[first + i % (len(rows) - first)] for i in range(num_prompts)]
-    return Workload(name_or_path, source, prompts, prompt_len, output_len, tokenization,
-                    dict(rows=len(rows), split=split, first_row=first,
-                         reused_rows=num_prompts > len(rows) - first))
+        raise BadInput(f"workload {name!r} has {len(rows)} rows and the batch uses {n}: no rows are left for a "
+                       "calibration split; name another workload as the calibration set, or use the engine option "
+                       "profile=oracle")
+    prompts = [rows[first + i % (len(rows) - first)] for i in range(n)]
+    return source, prompts, dict(rows=len(rows), first_row=first, reused_rows=n > len(rows) - first)
 
 
 def synthetic_prompts(batch_size: int, prompt_len: int, vocab_size: int, seed: int, first: int = 0) -> list[list[int]]:
