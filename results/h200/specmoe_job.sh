@@ -46,7 +46,7 @@ run() {  # MATRIX RUN_ID [--only ...]: measure until the time left minus a margi
     log "$id $*"
     timeout -s INT $(( $(left) - 25 )) python3 -m harness.cli run "$matrix" --run-id "$id" --results-dir results/runs \
         --quiet "$@" 2>&1 | tail -60 | tee -a "$out/job.log"
-    tar czf "$out/$id.tgz" --exclude=reference -C results/runs "$id"
+    [ -d "results/runs/$id" ] && tar czf "$out/$id.tgz" --exclude=reference -C results/runs "$id"
 }
 
 train() {  # the trained `small`, once per machine; its training.json (loss, weights hash) goes to $OUT
