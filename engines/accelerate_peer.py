@@ -68,7 +68,8 @@ class AccelerateEngine(Engine):
             tokens.append(row)
         return Generation(tokens=tokens, prompt_lens=[len(p) for p in prompts], t_start=t_start,
                           t_first=stamps[0] if stamps else t_end, step_times=stamps[1:],
-                          step_tokens=[B] * len(stamps[1:]), t_end=t_end, stats={})
+                          step_tokens=[B] * len(stamps[1:]), t_end=t_end, stats={},
+                          step_rows=None if settings.eos_token_id is not None else [B] * len(stamps[1:]))
 
     def teacher_forced_logits(self, prompts: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
         """One forward of the dispatched model over prompt + continuation (left-padded, positions from the mask, as

@@ -6,8 +6,9 @@ ExpertPolicy) and registers it under the entry-point group `specmoe_bench.engine
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import ClassVar
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
 
 from .errors import BadInput
 from .hardware import HardwareProfile, layer_bytes
@@ -17,6 +18,22 @@ from .runtime import ExpertPolicy, Generation, ModelInfo, ModelRuntime, Sampling
 @dataclass
 class NoOptions:
     """This engine takes no options."""
+
+
+PROFILES = ("calibration", "oracle")
+
+
+def profile_field(what: str):
+    """The `profile` option of an engine that runs a profiling pass (`what` names the pass)."""
+    return field(default="calibration", metadata={
+        "help": f"the prompts {what} profiles on: calibration (a set that is not the measured prompts: the "
+                "workload's calibration split, or the cell's calibration setting) or oracle (the measured prompts "
+                "themselves: an oracle no deployed system has)"})
+
+
+def check_profile(engine: str, value: str) -> None:
+    if value not in PROFILES:
+        raise BadInput(f"{engine} profile={value!r}; allowed: {', '.join(PROFILES)}")
 
 
 _FLAGS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -35,6 +52,9 @@ def make_options(engine: str, cls: type, given: dict):
 
 
 def _coerce(engine: str, name: str, f: dataclasses.Field, value):
+    words = f.metadata.get("words")
+    if words:  # a whole number or one of a few words (gamma = 4 or auto)
+        return _whole_or_word(engine, name, value, words)
     kind = type(f.default) if f.default is not dataclasses.MISSING and f.default is not None else \
         {"int": int, "float": float, "bool": bool}.get(str(f.type), str)
     bad = BadInput(f"engine {engine!r} option {name}={value!r}: expected "
@@ -58,6 +78,16 @@ def _coerce(engine: str, name: str, f: dataclasses.Field, value):
     return number
 
 
+def _whole_or_word(engine: str, name: str, value, words: tuple[str, ...]):
+    if isinstance(value, str) and value.strip() in words:
+        return value.strip()
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise BadInput(f"engine {engine!r} option {name}={value!r}: expected a whole number or {' or '.join(words)}")
+
+
 class Engine:
     """Base class of every engine. Subclasses set `name`, `summary` and, if they take options, `Options`
     (a dataclass whose fields carry defaults, `metadata={"help": ...}`, and validation in __post_init__)."""
@@ -77,8 +107,12 @@ class Engine:
         """Take a workloads.models.LoadedModel onto the hardware. Called once per cell."""
         raise NotImplementedError
 
-    def prepare(self, prompts: list[list[int]], settings: SamplingSettings) -> None:
-        """Untimed work before measurement (a profiling pass, a routing trace). Default: nothing."""
+    def prepare(self, prompts: list[list[int]], settings: SamplingSettings,
+                calibration: Callable[[], list[list[int]]] | None = None) -> None:
+        """Untimed work before measurement (a profiling pass, a routing trace). `calibration`, where given: returns
+        prompts that are not the measured ones, for a profiling pass (loaded on the first call; it raises BadInput
+        where the workload has no calibration set). Default: nothing. An engine whose prepare takes only
+        (prompts, settings), as plug-ins written before calibration existed do, is called that way."""
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> Generation:
         raise NotImplementedError
@@ -98,6 +132,14 @@ class Engine:
 
     def close(self) -> None:
         """Release device memory."""
+
+
+def prepare_engine(engine: Engine, prompts, settings, calibration: Callable[[], list[list[int]]]) -> None:
+    """engine.prepare, with the calibration set where its prepare takes one (see Engine.prepare)."""
+    if "calibration" in inspect.signature(engine.prepare).parameters:
+        engine.prepare(prompts, settings, calibration=calibration)
+    else:
+        engine.prepare(prompts, settings)
 
 
 class RuntimeEngine(Engine):
@@ -125,8 +167,9 @@ class RuntimeEngine(Engine):
                            expert_budget_share=hardware.expert_share)
         store.reset_counters()
 
-    def prepare(self, prompts, settings) -> None:
+    def prepare(self, prompts, settings, calibration=None) -> None:
         before = self.runtime.store.counters.h2d_bytes
+        self._calibration = calibration
         self._prepare(prompts, settings)
         self._setup["prepare_h2d_bytes"] = self.runtime.store.counters.h2d_bytes - before
         self._setup["resident_experts"] = len(self.runtime.store.resident)
@@ -134,6 +177,18 @@ class RuntimeEngine(Engine):
 
     def _prepare(self, prompts, settings) -> None:
         pass
+
+    def profiling_prompts(self, prompts: list[list[int]]) -> list[list[int]]:
+        """What a profiling pass runs on: the calibration prompts, or the measured ones where the engine's
+        `profile` option is oracle. Recorded in setup_stats as `profiled_on`."""
+        if getattr(self.options, "profile", "calibration") == "oracle":
+            self._setup["profiled_on"] = "oracle: the measured prompts"
+            return prompts
+        if getattr(self, "_calibration", None) is None:
+            raise BadInput(f"engine {self.name!r} profiles on a calibration set and none was given (prepare's "
+                           "calibration); give one, or the option profile=oracle")
+        self._setup["profiled_on"] = "calibration"
+        return self._calibration()
 
     def generate(self, prompts, settings) -> Generation:
         return self.runtime.generate(prompts, settings)

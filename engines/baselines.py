@@ -13,7 +13,7 @@ import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-from .base import RuntimeEngine
+from .base import RuntimeEngine, check_profile, profile_field
 from .errors import BadInput
 from .hardware import HardwareProfile, parse_size
 from .runtime import ExpertPolicy
@@ -118,11 +118,13 @@ class OverlapEngine(RuntimeEngine):
 @dataclass
 class CachingOptions:
     fraction: float = field(default=0.10, metadata={"help": "fraction of all experts kept resident (0-1]"})
+    profile: str = profile_field("the choice of the most-used experts")
 
     def __post_init__(self):
         self.fraction = float(self.fraction)
         if not 0 < self.fraction <= 1:
             raise BadInput(f"caching fraction={self.fraction}: must be in (0, 1]")
+        check_profile("caching", self.profile)
 
 
 class CachingPolicy(ExpertPolicy):
@@ -151,7 +153,8 @@ class CachingPolicy(ExpertPolicy):
 
 class CachingEngine(RuntimeEngine):
     name = "caching"
-    summary = "MoE-Caching: the most-used experts (10% by default, from a profiling pass) stay on the device"
+    summary = "MoE-Caching: the most-used experts (10% by default, from a profiling pass on calibration prompts) " \
+              "stay on the device"
     Options = CachingOptions
 
     def make_policy(self, hardware):
@@ -162,7 +165,8 @@ class CachingEngine(RuntimeEngine):
         return CachingPolicy(slots)
 
     def _prepare(self, prompts, settings) -> None:
-        usage = Counter((layer, e) for _, layer, experts in self.record_routing(prompts, settings) for e in experts)
+        trace = self.record_routing(self.profiling_prompts(prompts), settings)
+        usage = Counter((layer, e) for _, layer, experts in trace for e in experts)
         self.runtime.policy.pin(sorted(usage, key=lambda key: (-usage[key], key)))
         self.pinned = self.runtime.policy.pinned
 

@@ -157,6 +157,7 @@ class Generation:
     # bytes the forwards read from device memory (non-expert weights plus each layer's distinct experts);
     # speculative engines add drafted_tokens, accepted_tokens, draft_time_s, verify_time_s, draft_h2d_bytes,
     # verify_h2d_bytes
+    step_rows: list[int] | None = None  # rows still generating when each decode step began (None: not recorded)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,13 +373,13 @@ class ModelRuntime:
         t_first = time.perf_counter()  # sampler.next waited for the device
         out.emit_all(tok_host)
         if settings.greedy and settings.eos_token_id is None:
-            step_times, step_tokens = self._decode_ahead(state, tok, out, t_first)
+            step_times, step_tokens, step_rows = self._decode_ahead(state, tok, out, t_first)
         else:
-            step_times, step_tokens = self._decode_synced(state, tok, out, sampler)
+            step_times, step_tokens, step_rows = self._decode_synced(state, tok, out, sampler)
         stats = {k: v for k, v in self.stats().items() if not k.startswith("draft_")}  # no drafts here
         return Generation(tokens=out.tokens, prompt_lens=[len(p) for p in prompts], t_start=t_start, t_first=t_first,
                           step_times=step_times, step_tokens=step_tokens, t_end=time.perf_counter(),
-                          stats=dict(stats, seq_steps=sum(step_tokens)))
+                          stats=dict(stats, seq_steps=sum(step_tokens)), step_rows=step_rows)
 
     def _decode_ahead(self, state: "DecodeState", tok: torch.Tensor, out: "Outputs", t_first: float):
         """Greedy decoding to a fixed length: every row runs to max_new_tokens, so the host needs no token until
@@ -396,18 +397,19 @@ class ModelRuntime:
         host = tokens.cpu()
         if n:
             out.emit_block(host[:, :n], torch.full((B,), n))
-        return clock.times(), [B] * n
+        return clock.times(), [B] * n, [B] * n
 
     def _decode_synced(self, state: "DecodeState", tok: torch.Tensor, out: "Outputs", sampler: "Sampler"):
         """Decoding that needs each step's tokens on the host (sampling on the CPU, or EOS)."""
-        step_times, step_tokens = [], []
+        step_times, step_tokens, step_rows = [], [], []
         active = RowMask(out, self.device)
         while not out.all_done:
+            step_rows.append(out.rows_left)
             logits = state.step(self, tok[:, None], active.device_mask())
             tok, tok_host = sampler.next(logits[:, -1, :], self.device)
             step_times.append(time.perf_counter())
             step_tokens.append(out.emit_all(tok_host))
-        return step_times, step_tokens
+        return step_times, step_tokens, step_rows
 
     @torch.inference_mode()
     def teacher_forced_logits(self, prompts: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
@@ -483,6 +485,11 @@ class Outputs:
     @property
     def all_done(self) -> bool:
         return bool(self.done.all())
+
+    @property
+    def rows_left(self) -> int:
+        """Rows still generating."""
+        return int((~self.done).sum())
 
     @property
     def tokens(self) -> list[list[int]]:

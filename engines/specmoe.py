@@ -7,9 +7,14 @@ table (L2 distance between the flattened expert weights, gate/up and down togeth
 Verification: one forward of the full model over every drafted token of every sequence, exact routing; each
 missing expert is copied once per layer per pass and serves every token routed to it (deferred, coalesced).
 Draft experts are refreshed from the experts recent verification passes used (hot-temporal).
+Beyond the paper, each one option away from it: `prefetch = "draft"` copies the experts the drafts' router chose
+while drafting (engines/prefetch.py); `gamma = "auto"` chooses the draft length per batch size from measured
+acceptance and step times (engines/draftlen.py); `draft_experts = "budget"` takes as many draft experts as the
+expert budget holds.
 A draft forward never learns its routing on the host: the substitution is a device-side table from expert id to
 the pool slot of its substitute, so drafts are CUDA-graph replays; acceptance, bonus tokens and next positions
-are computed on the device for the whole batch, with one host transfer per step.
+are computed on the device for the whole batch, with one host transfer per step (prefetch adds two reads of the
+drafts' routing mask, after the first draft forward and after the last).
 """
 from __future__ import annotations
 
@@ -19,41 +24,79 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import RuntimeEngine
+from .base import RuntimeEngine, check_profile, profile_field
+from .draftlen import DraftLengthModel
 from .errors import BadInput
 from .experts import ExpertCounters, distinct_routed
+from .prefetch import DraftPrefetch
 from .runtime import ExpertPolicy, Generation, ModelRuntime, Outputs, RowMask, Sampler, SamplingSettings
 from .store import ExpertStore
 
 DRAFT_POLICIES = ("hot-temporal", "hot-global", "random")
+PREFETCH = ("draft", "none")
 
 
 @dataclass
 class SpecMoEOptions:
-    gamma: int = field(default=4, metadata={"help": "draft length: tokens drafted per sequence per step (>= 1)"})
-    draft_experts: int = field(default=4, metadata={
-        "help": "N, resident draft experts per MoE layer (<= experts per layer; an expert budget may lower it)"})
+    gamma: int | str = field(default=4, metadata={
+        "help": "draft length: tokens drafted per sequence per step (>= 1), or auto: per batch size, the one of "
+                "`gammas` that maximises expected tokens/s from measured acceptance and step times",
+        "words": ("auto",)})
+    gammas: str = field(default="1,2,4,6,8,10", metadata={"help": "gamma=auto: the draft lengths it chooses from"})
+    draft_experts: int | str = field(default=4, metadata={
+        "help": "N, resident draft experts per MoE layer (<= experts per layer; an expert budget may lower it), or "
+                "budget: as many as the expert budget holds. Budget left after the draft experts widens the "
+                "prefetch window (prefetch=draft); without prefetch it stays unused",
+        "words": ("budget",)})
     draft_policy: str = field(default="hot-temporal", metadata={
         "help": "which experts are draft experts: hot-temporal (refreshed from recent verification passes), "
                 "hot-global (most used in a profiling pass, fixed), random (fixed, seeded)"})
+    prefetch: str = field(default="none", metadata={
+        "help": "draft: copy the experts the drafts' router chose (before substitution) while drafting, so "
+                "verification finds them on the device; none (the default until draft is measured on a GPU): the "
+                "paper's deferred, coalesced copies in verification only"})
+    profile: str = profile_field("hot-global")
     adaptive: bool = field(default=True, metadata={
-        "help": "measure tokens/s with and without speculation as it runs and use the faster; what it "
-                "learns carries over to the next call with the same batch size"})
+        "help": "plain steps (gamma 0) are a candidate too: speculation switches off where a plain step is "
+                "expected to be faster; what it learns carries over to the next call with the same batch size"})
     decay: float = field(default=0.8, metadata={"help": "hot-temporal: weight of older passes in expert scores"})
     seed: int = field(default=0, metadata={"help": "seed of the random draft policy"})
 
     def __post_init__(self):
-        self.gamma, self.draft_experts = int(self.gamma), int(self.draft_experts)
         if isinstance(self.adaptive, str):  # a flag given as text ("true", "off", ...)
             self.adaptive = self.adaptive.lower() in ("1", "true", "yes", "on")
-        if self.gamma < 1:
-            raise BadInput(f"specmoe gamma={self.gamma}: the draft length must be at least 1")
-        if self.draft_experts < 1:
-            raise BadInput(f"specmoe draft_experts={self.draft_experts}: must be at least 1")
+        self.gamma = _whole_or_word(self.gamma, "auto")
+        if self.gamma != "auto" and self.gamma < 1:
+            raise BadInput(f"specmoe gamma={self.gamma}: the draft length must be at least 1 (or auto)")
+        self.gammas = ",".join(map(str, parse_gammas(self.gammas)))
+        self.draft_experts = _whole_or_word(self.draft_experts, "budget")
+        if self.draft_experts != "budget" and self.draft_experts < 1:
+            raise BadInput(f"specmoe draft_experts={self.draft_experts}: must be at least 1 (or budget)")
         if self.draft_policy not in DRAFT_POLICIES:
             raise BadInput(f"unknown draft policy {self.draft_policy!r}; allowed: {', '.join(DRAFT_POLICIES)}")
+        if self.prefetch not in PREFETCH:
+            raise BadInput(f"specmoe prefetch={self.prefetch!r}; allowed: {', '.join(PREFETCH)}")
+        check_profile("specmoe", self.profile)
         if not 0 <= float(self.decay) < 1:
             raise BadInput(f"specmoe decay={self.decay}: must be in [0, 1)")
+
+    def candidates(self) -> list[int]:
+        """The draft lengths the step chooses from (0: a plain step)."""
+        lengths = parse_gammas(self.gammas) if self.gamma == "auto" else [int(self.gamma)]
+        return ([0] if self.adaptive else []) + lengths
+
+
+def _whole_or_word(value, word: str):
+    """An option that is a whole number or one word, as make_options coerced it (or as a caller wrote it)."""
+    return value if value == word or isinstance(value, int) else int(value)
+
+
+def parse_gammas(text) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]; BadInput for an empty list or a length below 1."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise BadInput(f"specmoe gammas={text!r}: give draft lengths of at least 1, like 1,2,4,6,8,10")
+    return sorted({int(p) for p in parts})
 
 
 def affinity_distances(store: ExpertStore, layer: int, chunk: int = 1 << 24) -> torch.Tensor:
@@ -74,14 +117,19 @@ class SpecMoEPolicy(ExpertPolicy):
     """Two modes. draft: every routed expert is served from the layer's resident draft set, through a device
     table that maps each expert id to the pool slot of its nearest resident expert; nothing is copied and the
     host decides nothing. verify: exact experts; each missing one is copied once for this layer and pass, then
-    the layer's draft set is refreshed from recent usage, keeping copies made this pass instead of re-copying."""
+    the layer's draft set is refreshed from recent usage, keeping copies made this pass instead of re-copying.
+    With `prefetch_slots`, the drafts' routing is noted on the device and its experts copied ahead of verification
+    into that many pool slots (engines/prefetch.py)."""
 
-    def __init__(self, n: int, policy: str, decay: float, seed: int):
+    def __init__(self, n: int, policy: str, decay: float, seed: int, prefetch_slots: int = 0):
         self.n, self.policy, self.decay, self.seed = n, policy, decay, seed
+        self.prefetch_slots = prefetch_slots
+        self.prefetch: DraftPrefetch | None = None
         self.mode = "verify"
 
     def slots(self, store: ExpertStore) -> int:
-        return self.n * store.num_layers + store.num_experts  # the draft sets, and one layer's verification copies
+        # the draft sets, one layer's verification copies, and the prefetch window
+        return self.n * store.num_layers + store.num_experts + self.prefetch_slots
 
     def setup(self) -> None:
         store = self.store
@@ -95,6 +143,7 @@ class SpecMoEPolicy(ExpertPolicy):
         self.substitute: list[list[int]] = [[] for _ in range(L)]  # nearest resident expert of every expert
         self.sub_slots = torch.full((L, E), -1, dtype=torch.long, device=store.device)  # ... as pool slots
         self.is_draft = torch.zeros((L, E), dtype=torch.bool, device=store.device)
+        self.prefetch = DraftPrefetch(store, self.prefetch_slots) if self.prefetch_slots else None
         for layer in range(L):
             self.set_draft_experts(layer, initial[layer])
 
@@ -118,10 +167,14 @@ class SpecMoEPolicy(ExpertPolicy):
         self.is_draft[layer].copy_(draft, non_blocking=True)
 
     def sync_free_table(self, layer):
-        return self.sub_slots[layer] if self.mode == "draft" else super().sync_free_table(layer)
+        if self.mode == "draft":
+            return self.sub_slots[layer]
+        # every expert a draft expert: the pool's table. Not the base class's "pool holds every expert" test: with
+        # prefetch the pool can hold them all for a moment, before the rows of slot_of are sent
+        return self.store.slot_of[layer] if self.n == self.store.num_experts else None
 
     def graphable(self) -> bool:
-        return self.mode == "draft" or super().graphable()
+        return self.mode == "draft" or self.n == self.store.num_experts
 
     def count_sync_free(self, layer, top_k_index, active, counters: ExpertCounters) -> tuple[str, ...]:
         if self.mode != "draft":
@@ -129,23 +182,38 @@ class SpecMoEPolicy(ExpertPolicy):
         routed = distinct_routed(top_k_index, active, self.store.num_experts)
         counters.add("draft_requests", routed.sum())
         counters.add("draft_substituted", (routed & ~self.is_draft[layer]).sum())
+        if self.prefetch is not None:
+            self.prefetch.note(layer, routed)
         return ()
 
     def after_layer(self, layer, experts):
         if experts is None:
             return
         if self.policy == "hot-temporal":
-            scores = self.scores[layer]
-            scores *= self.decay
-            scores[experts] += 1.0
-            current = set(self.draft_sets[layer])
-            # highest score first; on ties keep what is resident, then the lower id (no churn on ties)
-            score = scores.tolist()  # one conversion, not one .item() per expert, on this per-layer path
-            ranked = sorted(range(self.store.num_experts), key=lambda e: (-score[e], e not in current, e))
-            if set(ranked[: self.n]) != current:
-                self.set_draft_experts(layer, ranked[: self.n])
-        for e in set(experts) - set(self.draft_sets[layer]):
+            self._refresh(layer, experts)
+        prefetched = self.prefetch.settle(layer, experts) if self.prefetch is not None else set()
+        for e in (set(experts) | prefetched) - set(self.draft_sets[layer]):
             self.store.drop(layer, e)
+        if self.prefetch is not None:
+            self.prefetch.fill(after=layer)  # the slots just given back take later layers' predicted experts
+
+    def _refresh(self, layer: int, experts: list[int]) -> None:
+        """Hot-temporal: the layer's draft set becomes the N experts of the highest decayed usage."""
+        scores = self.scores[layer]
+        scores *= self.decay
+        scores[experts] += 1.0
+        current = set(self.draft_sets[layer])
+        # highest score first; on ties keep what is resident, then the lower id (no churn on ties)
+        score = scores.tolist()  # one conversion, not one .item() per expert, on this per-layer path
+        ranked = sorted(range(self.store.num_experts), key=lambda e: (-score[e], e not in current, e))
+        if set(ranked[: self.n]) != current:
+            self.set_draft_experts(layer, ranked[: self.n])
+
+    def end_forward(self) -> None:
+        if self.prefetch is not None and self.mode != "draft":  # a verification, or a forward that never drafted
+            for layer, e in self.prefetch.finish():
+                if e not in self.draft_sets[layer]:
+                    self.store.drop(layer, e)
 
 
 class SpecMoEEngine(RuntimeEngine):
@@ -155,30 +223,50 @@ class SpecMoEEngine(RuntimeEngine):
     speculate = True
 
     def make_policy(self, hardware):
-        store, o = self.runtime.store, self.options
-        if o.draft_experts > store.num_experts:
-            raise BadInput(f"specmoe draft_experts={o.draft_experts}: the model has only {store.num_experts} "
-                           "experts per layer")
-        n = o.draft_experts
+        o = self.options
+        self.draft_experts = self._draft_experts(hardware)
+        prefetching = self.speculate and o.prefetch == "draft"  # nospec never drafts, so it has nothing to prefetch
+        self.prefetch_slots = self._prefetch_window(self.draft_experts) if prefetching else 0
+        self.lengths: dict[int, DraftLengthModel] = {}  # batch size -> its draft length model, kept across calls
+        self.policy = SpecMoEPolicy(self.draft_experts, o.draft_policy, o.decay, o.seed, self.prefetch_slots)
+        return self.policy
+
+    def _draft_experts(self, hardware) -> int:
+        """N: as asked, at most what the expert budget holds; `budget`: all that it holds (every expert without a
+        budget)."""
+        store, asked = self.runtime.store, self.options.draft_experts
+        if asked != "budget" and asked > store.num_experts:
+            raise BadInput(f"specmoe draft_experts={asked}: the model has only {store.num_experts} experts per layer")
+        fits = store.num_experts
         if self.expert_budget is not None:
-            fits = self.expert_budget // (store.expert_bytes * store.num_layers)
+            fits = min(fits, self.expert_budget // (store.expert_bytes * store.num_layers))
             if fits < 1:
                 raise BadInput(f"hardware {hardware.spec!r}: the expert budget cannot hold one draft expert per "
                                f"layer ({store.expert_bytes * store.num_layers} bytes)")
-            n = min(n, fits)
-        self.draft_experts = n
-        self.adaptive_state: dict[int, dict] = {}  # batch size -> tokens/s of each mode and the step count
-        self.policy = SpecMoEPolicy(n, o.draft_policy, o.decay, o.seed)
-        return self.policy
+        return fits if asked == "budget" else min(asked, fits)
+
+    def _prefetch_window(self, n: int) -> int:
+        """Pool slots for prefetched experts: two layers' worth, the room `overlap`'s prefetch holds, plus what the
+        expert budget leaves after the draft sets; never more than every expert that is not a draft expert."""
+        store = self.runtime.store
+        others = store.num_layers * (store.num_experts - n)
+        spare = others if self.expert_budget is None else \
+            max(0, self.expert_budget // store.expert_bytes - n * store.num_layers)
+        return min(others, 2 * store.num_experts + spare)
 
     def _prepare(self, prompts, settings) -> None:
         if self.options.draft_policy == "hot-global":  # the globally hottest experts of a profiling pass
             usage = [torch.zeros(self.runtime.store.num_experts) for _ in range(self.runtime.store.num_layers)]
-            for _, layer, experts in self.record_routing(prompts, settings):
+            for _, layer, experts in self.record_routing(self.profiling_prompts(prompts), settings):
                 usage[layer][experts] += 1
             for layer, u in enumerate(usage):
                 order = sorted(range(len(u)), key=lambda e: (-u[e].item(), e))
                 self.policy.set_draft_experts(layer, order[: self.draft_experts])
+
+    def length_model(self, batch: int) -> DraftLengthModel:
+        if batch not in self.lengths:
+            self.lengths[batch] = DraftLengthModel(self.options.candidates())
+        return self.lengths[batch]
 
     def generate(self, prompts, settings) -> Generation:
         self.policy.mode = "verify"
@@ -186,26 +274,31 @@ class SpecMoEEngine(RuntimeEngine):
             gen = self.runtime.generate(prompts, settings)
             gen.stats.update(draft_experts_per_layer=self.draft_experts)
             return gen
-        # adaptive: what was learnt about this batch size carries over from one generate call to the next
-        rate = self.adaptive_state.setdefault(len(prompts), {"spec": None, "plain": None, "step": 0})
-        return SpeculativeDecoder(self.runtime, self.policy, self.options.gamma, self.options.adaptive).run(
-            prompts, settings, extra=dict(draft_experts_per_layer=self.draft_experts), rate=rate)
+        return SpeculativeDecoder(self.runtime, self.policy, self.length_model(len(prompts))).run(
+            prompts, settings, extra=dict(draft_experts_per_layer=self.draft_experts))
+
+    def setup_stats(self) -> dict:
+        out = dict(super().setup_stats(), draft_experts_per_layer=self.draft_experts)
+        if self.speculate:
+            out.update(prefetch_slots=self.prefetch_slots,
+                       draft_length={b: m.summary() for b, m in sorted(self.lengths.items())})
+        return out
 
     def teacher_forced_logits(self, prompts, continuations):
-        """Feed the continuation in blocks of gamma + 1 tokens, the shape a verification pass has, so that the
-        rounding of this engine's own forwards is what gets compared (in bfloat16 it differs from one token at a
-        time). Returns [B, C, V] like the runtime's version."""
+        """Feed the continuation in blocks of gamma + 1 tokens (gamma: the draft length this batch size uses now),
+        the shape a verification pass has, so that the rounding of this engine's own forwards is what gets compared
+        (in bfloat16 it differs from one token at a time). Returns [B, C, V] like the runtime's version."""
         if not self.speculate:
             return super().teacher_forced_logits(prompts, continuations)
-        rt = self.runtime
+        rt, width = self.runtime, self.length_model(len(prompts)).best() + 1
         self.policy.mode = "verify"
         with torch.inference_mode():
-            first, state = rt.prefill(prompts, len(continuations[0]), slack=self.options.gamma + 1)
+            first, state = rt.prefill(prompts, len(continuations[0]), slack=width)
             cont = torch.tensor(continuations, device=rt.device)  # [B, C]
             out, fed, C = [first[:, None, :]], 0, cont.shape[1]
             everyone = torch.ones(cont.shape[0], dtype=torch.bool, device=rt.device)
             while fed < C - 1:  # the last token's own prediction is not needed
-                block = cont[:, fed: min(fed + self.options.gamma + 1, C - 1)]
+                block = cont[:, fed: min(fed + width, C - 1)]
                 out.append(state.step(rt, block, everyone))
                 fed += block.shape[1]
         return torch.cat(out, dim=1).float().cpu()
@@ -226,101 +319,89 @@ class SpeculativeDecoder:
     """Draft gamma tokens per sequence with the draft experts, verify all of them in one full forward, keep each
     sequence's longest accepted prefix plus the bonus token. A row's draft and verification tokens are written at
     its own positions in the static cache; the next step overwrites whatever it rejected, so nothing is rolled
-    back, and each row continues at its own position."""
+    back, and each row continues at its own position. Each step's gamma comes from the length model
+    (engines/draftlen.py); gamma 0 is a plain step."""
 
-    PROBE_EVERY = 8  # adaptive: every this many steps, time the mode not in use again
+    def __init__(self, runtime: ModelRuntime, policy: SpecMoEPolicy, lengths: DraftLengthModel):
+        self.rt, self.policy, self.lengths = runtime, policy, lengths
 
-    def __init__(self, runtime: ModelRuntime, policy: SpecMoEPolicy, gamma: int, adaptive: bool):
-        self.rt, self.policy, self.gamma, self.adaptive = runtime, policy, gamma, adaptive
-
-    def run(self, prompts: list[list[int]], settings: SamplingSettings, extra: dict,
-            rate: dict | None = None) -> Generation:
-        """rate: the adaptive switch's tokens/s of each mode and its step count, updated in place (an engine
-        passes the same dict on every call with this batch size, so what was learnt carries over)."""
-        rt = self.rt
+    def run(self, prompts: list[list[int]], settings: SamplingSettings, extra: dict) -> Generation:
+        rt, top = self.rt, max(self.lengths.candidates)
         rt.reset_stats()
+        if self.policy.prefetch is not None:
+            self.policy.prefetch.reset_counters()
         sampler = Sampler(settings)
-        B = len(prompts)
-        out = Outputs(B, settings)
+        out = Outputs(len(prompts), settings)
         stats = dict(drafted_tokens=0, accepted_tokens=0, draft_h2d_bytes=0, verify_h2d_bytes=0, spec_steps=0,
-                     plain_steps=0, seq_steps=0)
+                     plain_steps=0, seq_steps=0, draft_forwards=0, drafted_by_position=[0] * top,
+                     accepted_by_position=[0] * top, steps_by_gamma={})
         self.clock = StepClock(rt.device)
         t_start = time.perf_counter()
-        logits, state = rt.prefill(prompts, settings.max_new_tokens, slack=self.gamma + 1)
+        logits, state = rt.prefill(prompts, settings.max_new_tokens, slack=top + 1)
         pending, pending_host = sampler.next(logits, rt.device)  # [B] sampled, not yet in the cache
         t_first = time.perf_counter()
         out.emit_all(pending_host)
-        step_times, step_tokens = [], []
-        rate = rate if rate is not None else {"spec": None, "plain": None, "step": 0}
+        step_times, step_tokens, step_rows = [], [], []
         active = RowMask(out, rt.device)
         while not out.all_done:
-            mode = self.choose(rate, rate["step"])
-            t0 = time.perf_counter()
-            rows = int((~out.done).sum())
-            if mode == "plain":
+            gamma, t0 = self.lengths.choose(), time.perf_counter()
+            step_rows.append(out.rows_left)
+            if gamma == 0:
                 logits = state.step(rt, pending[:, None], active.device_mask())
                 pending, pending_host = sampler.next(logits[:, -1, :], rt.device)
-                n = out.emit_all(pending_host)
+                n, accepted = out.emit_all(pending_host), torch.zeros(0, dtype=torch.long)
                 stats["plain_steps"] += 1
             else:
-                pending, n = self.speculate(state, pending, active, sampler, out, stats)
-                stats["spec_steps"] += 1
+                pending, n, accepted = self.speculate(state, pending, active, sampler, out, stats, gamma)
             now = time.perf_counter()
-            rate[mode] = n / (now - t0) if rate[mode] is None else 0.5 * rate[mode] + 0.5 * n / (now - t0)
-            stats["seq_steps"] += rows
+            self._count(stats, gamma, accepted, now - t0)
+            stats["seq_steps"] += step_rows[-1]
             step_times.append(now)
             step_tokens.append(n)
-            rate["step"] += 1
-        counts = rt.stats()
+        return self._generation(prompts, out, stats, extra, t_start, t_first, step_times, step_tokens, step_rows)
+
+    def _count(self, stats: dict, gamma: int, accepted: torch.Tensor, step_s: float) -> None:
+        """A step's draft positions into the stats and the length model. accepted [live rows]: drafts each kept."""
+        drafted = [len(accepted)] * gamma
+        kept = (accepted[:, None] >= torch.arange(1, gamma + 1)).sum(0).tolist()  # accepted at each position
+        for j in range(gamma):
+            stats["drafted_by_position"][j] += drafted[j]
+            stats["accepted_by_position"][j] += kept[j]
+        stats["steps_by_gamma"][gamma] = stats["steps_by_gamma"].get(gamma, 0) + 1
+        self.lengths.record(gamma, step_s, self.clock.last("draft") if gamma else 0.0, drafted, kept)
+
+    def _generation(self, prompts, out, stats, extra, t_start, t_first, step_times, step_tokens, step_rows):
+        counts = self.rt.stats()
         stats.update(counts, draft_expert_requests=counts.pop("draft_requests"), **self.clock.totals(), **extra)
+        if self.policy.prefetch is not None:
+            stats.update(self.policy.prefetch.stats())
         return Generation(tokens=out.tokens, prompt_lens=[len(p) for p in prompts], t_start=t_start, t_first=t_first,
-                          step_times=step_times, step_tokens=step_tokens, t_end=time.perf_counter(), stats=stats)
+                          step_times=step_times, step_tokens=step_tokens, t_end=time.perf_counter(), stats=stats,
+                          step_rows=step_rows)
 
-    def choose(self, rate: dict, step: int) -> str:
-        """Adaptive on/off: use the mode with the higher measured tokens/s, re-timing the other one now and then
-        (the paper saw speculation lose at batch 1, where plain decoding with cached experts is cheap)."""
-        if not self.adaptive or rate["spec"] is None:
-            return "spec"
-        if rate["plain"] is None:
-            return "plain"
-        best = "spec" if rate["spec"] >= rate["plain"] else "plain"
-        other = "plain" if best == "spec" else "spec"
-        return other if step % self.PROBE_EVERY == 0 else best
-
-    def speculate(self, state, pending, active: RowMask, sampler: Sampler, out: Outputs, stats):
+    def speculate(self, state, pending, active: RowMask, sampler: Sampler, out: Outputs, stats, gamma: int):
         """One draft + verify step. pending [B] (device): each row's token not yet in the cache. Returns (the new
-        pending tokens [B], tokens emitted across the batch)."""
-        rt, policy, store, gamma = self.rt, self.policy, self.rt.store, self.gamma
+        pending tokens [B], tokens emitted across the batch, drafts accepted by each live row [live] (host))."""
+        rt, policy, store = self.rt, self.policy, self.rt.store
         live = active.device_mask()  # [B] bool
         live_host = ~out.done
         pos0 = state.pos
 
         # draft: gamma forwards with the draft experts (graph replays); each writes its token's slot
-        bytes0 = store.counters.h2d_bytes
+        mark = self._bytes()
         self.clock.mark("draft")
-        policy.mode = "draft"
-        x, drafts, q = pending, [], []  # drafts[j]: [B] token ids (device); q[j]: [B, V] draft probabilities
-        try:
-            for _ in range(gamma):
-                logits = state.step(rt, x[:, None], live)[:, -1, :]
-                if sampler.settings.greedy:
-                    x = logits.argmax(-1)
-                else:
-                    q.append(sampler.probs(logits))
-                    x = torch.multinomial(q[-1], 1, generator=sampler.generator)[:, 0].to(rt.device)
-                drafts.append(x)
-        finally:
-            policy.mode = "verify"
-        stats["draft_h2d_bytes"] += store.counters.h2d_bytes - bytes0
+        drafts, q = self._draft(state, pending, live, sampler, gamma)
+        stats["draft_h2d_bytes"] += self._own_bytes(mark)
+        stats["draft_forwards"] += gamma
 
         # verify: [pending, d1..d_gamma] for every sequence in one forward of the full model, at pos0..pos0+gamma
-        bytes0 = store.counters.h2d_bytes
+        mark = self._bytes()
         self.clock.mark("verify")
         state.pos = pos0
         block = torch.stack([pending] + drafts, dim=1)  # [B, gamma + 1]
         logits = state.step(rt, block, live)  # [B, gamma + 1, V]
         self.clock.mark(None)
-        stats["verify_h2d_bytes"] += store.counters.h2d_bytes - bytes0
+        stats["verify_h2d_bytes"] += self._own_bytes(mark)
 
         if sampler.settings.greedy:
             target = logits.argmax(-1)  # [B, gamma + 1]: the full model's token after each verified one
@@ -330,22 +411,64 @@ class SpeculativeDecoder:
             host = torch.cat([target, accepted[:, None]], dim=1).cpu()  # the step's one host transfer
             emitted_tokens, accepted_host = host[:, :-1], host[:, -1]  # accepted drafts equal the targets
         else:
-            p = sampler.probs(logits)  # [B, gamma + 1, V] on the host
-            d = block[:, 1:].cpu()
-            emitted_tokens = torch.zeros((pending.shape[0], gamma + 1), dtype=torch.long)
-            accepted_host = torch.zeros(pending.shape[0], dtype=torch.long)
-            for i in live_host.nonzero().flatten().tolist():
-                a, b = sample_accept(d[i].tolist(), [qj[i] for qj in q], p[i], sampler.generator)
-                accepted_host[i] = a
-                emitted_tokens[i, :a], emitted_tokens[i, a] = d[i, :a], b
+            emitted_tokens, accepted_host = self._sample_accept(block, logits, q, live_host, sampler)
             accepted = accepted_host.to(rt.device)
             bonus = emitted_tokens.gather(1, accepted_host[:, None])[:, 0].to(rt.device)
         stats["drafted_tokens"] += gamma * int(live_host.sum())
         stats["accepted_tokens"] += int(accepted_host[live_host].sum())
+        stats["spec_steps"] += 1
         # a row goes on after its last accepted token; finished rows stay where they are
         state.pos = torch.where(live, pos0 + accepted + 1, pos0)
         emitted = out.emit_block(emitted_tokens, torch.where(live_host, accepted_host + 1, 0))
-        return torch.where(live, bonus, pending), emitted
+        return torch.where(live, bonus, pending), emitted, accepted_host[live_host]
+
+    def _draft(self, state, pending, live, sampler: Sampler, gamma: int):
+        """gamma draft forwards from `pending`. Returns (drafts[j]: [B] token ids on the device, q[j]: [B, V] draft
+        probabilities when sampling). With prefetch, the drafts' routing is read after the first forward and after
+        the last, and its missing experts copied while the next forwards run."""
+        rt, policy, prefetch = self.rt, self.policy, self.policy.prefetch
+        x, drafts, q = pending, [], []
+        if prefetch is not None:
+            prefetch.start()
+        policy.mode = "draft"
+        try:
+            for j in range(gamma):
+                logits = state.step(rt, x[:, None], live)[:, -1, :]
+                if sampler.settings.greedy:
+                    x = logits.argmax(-1)
+                else:
+                    q.append(sampler.probs(logits))
+                    x = torch.multinomial(q[-1], 1, generator=sampler.generator)[:, 0].to(rt.device)
+                drafts.append(x)
+                if prefetch is not None and j in (0, gamma - 1):
+                    prefetch.plan()
+        finally:
+            policy.mode = "verify"
+        return drafts, q
+
+    @staticmethod
+    def _sample_accept(block, logits, q, live_host, sampler: Sampler):
+        """Speculative sampling for every live row (on the host): (emitted tokens [B, gamma + 1], accepted [B])."""
+        p = sampler.probs(logits)  # [B, gamma + 1, V] on the host
+        d = block[:, 1:].cpu()
+        B, gamma = d.shape
+        emitted = torch.zeros((B, gamma + 1), dtype=torch.long)
+        accepted = torch.zeros(B, dtype=torch.long)
+        for i in live_host.nonzero().flatten().tolist():
+            a, b = sample_accept(d[i].tolist(), [qj[i] for qj in q], p[i], sampler.generator)
+            accepted[i] = a
+            emitted[i, :a], emitted[i, a] = d[i, :a], b
+        return emitted, accepted
+
+    def _bytes(self) -> tuple[int, int]:
+        """(all expert bytes copied so far, of which prefetched)."""
+        prefetch = self.policy.prefetch
+        return self.rt.store.counters.h2d_bytes, prefetch.h2d_bytes if prefetch is not None else 0
+
+    def _own_bytes(self, mark: tuple[int, int]) -> int:
+        """Bytes a phase copied for itself since `mark`: prefetched copies are counted apart."""
+        now = self._bytes()
+        return (now[0] - mark[0]) - (now[1] - mark[1])
 
 
 class StepClock:
@@ -363,6 +486,12 @@ class StepClock:
         else:
             stamp = time.perf_counter()
         self.marks.append((phase, stamp))
+
+    def last(self, phase: str) -> float:
+        """Seconds of the latest `phase` (ended, and on CUDA already past on the device: the host read since)."""
+        i = max(k for k, (p, _) in enumerate(self.marks) if p == phase)
+        a, b = self.marks[i][1], self.marks[i + 1][1]
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
 
     def totals(self) -> dict[str, float]:
         out = {"draft_time_s": 0.0, "verify_time_s": 0.0}

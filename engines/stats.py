@@ -21,10 +21,20 @@ class GenerationStats:
     draft_time_s: float | None = None
     verify_time_s: float | None = None
     draft_h2d_bytes: int | None = None
-    verify_h2d_bytes: int | None = None
+    verify_h2d_bytes: int | None = None  # verification's own copies (prefetched experts are counted apart)
+    spec_steps: int | None = None  # draft + verify steps
+    plain_steps: int | None = None  # steps with speculation off (gamma 0)
+    draft_forwards: int | None = None
+    drafted_by_position: list[int] | None = None  # [j]: tokens drafted at draft position j + 1
+    accepted_by_position: list[int] | None = None  # [j]: of those, accepted
+    steps_by_gamma: dict[int, int] | None = None  # draft length -> steps that used it (0: plain steps)
+    # draft-guided prefetch (engines/prefetch.py); each prefetched expert is counted once in h2d_bytes too
+    prefetch_h2d_bytes: int | None = None
+    prefetch_used_bytes: int | None = None  # routed by the verification they were copied for
+    prefetch_wasted_bytes: int | None = None  # not routed there
     # timed by the harness around the call
     host_gc_ms: float | None = None  # Python's garbage collector inside the call
-    extra: dict = field(default_factory=dict)  # engine-specific counters (spec_steps, draft_substituted, ...)
+    extra: dict = field(default_factory=dict)  # engine-specific counters (draft_substituted, ...)
 
     @classmethod
     def of(cls, stats: "GenerationStats | dict | None") -> "GenerationStats":

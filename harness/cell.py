@@ -207,11 +207,33 @@ def reference_outputs(cell: CellConfig, hw, prompts, settings, cache_dir: Path |
     return tokens, logits
 
 
+class Calibration:
+    """The cell's calibration prompts (workloads.prompts.load_calibration), loaded when an engine first asks for
+    them in its prepare; `info` says what they were, for the cell's workload_info."""
+
+    def __init__(self, c: Cell):
+        self.c, self.info, self.prompts = c, None, None
+
+    def __call__(self) -> list[list[int]]:
+        from workloads.prompts import load_calibration
+        if self.prompts is None:
+            cell = self.c.config
+            workload = load_calibration(cell.workload, cell.calibration, model=self.c.loaded,
+                                        batch_size=cell.batch_size, prompt_len=cell.prompt_len,
+                                        output_len=cell.max_new_tokens, seed=cell.seed)
+            self.prompts, self.info = [list(p) for p in workload], workload.metadata()
+        return self.prompts
+
+
 def _warm_up(c: Cell) -> None:
     import torch
+    from engines.base import prepare_engine
     c.engine.load(c.loaded, c.hw)
     c.clock.lap("engine_load")
-    c.engine.prepare(c.prompts, c.settings)
+    calibration = Calibration(c)
+    prepare_engine(c.engine, c.prompts, c.settings, calibration)
+    if calibration.info is not None:  # the profiling pass ran on these, never on the measured prompts
+        c.result.workload_info["calibration"] = calibration.info
     c.clock.lap("prepare")
     per_iter_tokens = c.config.batch_size * c.config.max_new_tokens
     for i in range(c.config.warmup):

@@ -22,6 +22,7 @@ cells, with include/exclude rules and per-engine options. Validation is strict a
     model = "tiny"
     batch_size = 64
     hardware = "cpu"
+    options = { capacity = "25%" }        # optional: engine options of these cells, over [engines.lru]
 """
 from __future__ import annotations
 
@@ -88,11 +89,17 @@ def _rule(where: str, rule, include: bool) -> dict[str, list]:
         raise BadInput(f"{where}: must be a table like {{ engine = \"lru\", batch_size = 1 }}")
     out = {}
     by_field = {v: k for k, v in AXES.items()}
+    rule = dict(rule)
+    if include and "options" in rule:
+        options = rule.pop("options")
+        if not isinstance(options, dict):
+            raise BadInput(f"{where}.options: must be a table of engine options, like {{ gamma = 4 }}")
+        out["options"] = options
     for key, value in rule.items():
         if key not in by_field:
             raise BadInput(f"{where}: unknown key {key!r}; allowed: {', '.join(by_field)}")
         out[key] = _check_axis(f"{where}.{key}", by_field[key], value)
-    if not out:
+    if not set(out) - {"options"}:
         raise BadInput(f"{where}: empty rule; name at least one of {', '.join(by_field)}")
     if include:
         missing = [k for k in ("engine", "model", "batch_size", "hardware") if k not in out]
@@ -146,12 +153,13 @@ def parse(text: str, source: str, check_hardware: bool = True, check_names: bool
             raise BadInput(f"{source}: [engines] {name!r} must be a table of that engine's options")
         engine_options[name] = table
 
-    def make(engine, model, batch_size, hardware, workload):
+    def make(engine, model, batch_size, hardware, workload, options=None):
         kw = dict(settings)
         kw.update(model_settings.get(model, {}))
         try:
             return CellConfig(engine=engine, model=model, batch_size=batch_size, hardware=hardware,
-                              workload=workload, engine_options=dict(engine_options.get(engine, {})), **kw)
+                              workload=workload, engine_options={**engine_options.get(engine, {}), **(options or {})},
+                              **kw)
         except BadInput as exc:
             raise BadInput(f"{source}: [engines.{engine}]: {exc}") from None
 
@@ -197,7 +205,7 @@ def _expand(source: str, data: dict, axes: dict[str, list], make) -> list[CellCo
     for rule in rules["include"]:
         values = [rule.get(AXES[k], axes[k] if k == "workloads" else None) for k in AXES]
         for combo in itertools.product(*values):
-            cell = make(*combo)
+            cell = make(*combo, options=rule.get("options"))
             if all(c.key() != cell.key() for c in cells):
                 cells.append(cell)
     if not cells:
@@ -236,7 +244,7 @@ def validate_cells(cells: list[CellConfig], source: str, check_hardware: bool = 
     from engines import registry
     from engines.hardware import HardwareProfile
     from workloads.models import check_model
-    from workloads.prompts import check_workload
+    from workloads.prompts import check_calibration, check_workload
 
     checked: dict = {}
 
@@ -254,3 +262,4 @@ def validate_cells(cells: list[CellConfig], source: str, check_hardware: bool = 
         once("model", (c.model, c.model_layers, c.dtype), check_model)
         once("hardware", (c.hardware,), lambda v: HardwareProfile.parse(v, check_available=check_hardware))
         once("workload", (c.workload,), check_workload)
+        once("calibration", (c.calibration, c.workload), check_calibration)

@@ -323,9 +323,9 @@ def check_writable_dir(path: str | Path) -> None:
 # -- rendering: the one text table renderer ----------------------------------------------------------------------
 
 # Metrics shown side by side per engine; each prints per its facts (harness.schema.METRIC_FACTS).
-COMPARE_METRICS = ["tokens_per_s", "decode_tokens_per_s", "ttft_ms", "tpot_ms_p50", "tpot_ms_p99",
-                   "h2d_bytes_per_token", "h2d_gb_per_s", "expert_hit_rate", "tokens_per_step", "acceptance_rate",
-                   "bound_tokens_per_s", "pct_of_bound", "bound", "equivalent"]
+COMPARE_METRICS = ["tokens_per_s", "steady_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "tpot_ms_p50",
+                   "tpot_ms_p99", "h2d_bytes_per_token", "h2d_gb_per_s", "expert_hit_rate", "tokens_per_step",
+                   "acceptance_rate", "bound_tokens_per_s", "pct_of_bound", "bound", "equivalent"]
 GPU_ONLY = {"bound_tokens_per_s", "pct_of_bound", "bound"}  # rows left out of a table in which no cell has them
 
 

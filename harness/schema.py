@@ -28,6 +28,10 @@ class CellConfig:
     batch_size: int
     hardware: str
     workload: str = "synthetic-ids"
+    # what engines that profile (caching, specmoe's hot-global) run their profiling pass on: "split", the workload's
+    # own calibration split (never the measured prompts), or another workload; their option profile=oracle profiles
+    # on the measured prompts instead
+    calibration: str = "split"
     engine_options: dict[str, Any] = field(default_factory=dict)
     model_layers: int | None = None  # load only this many decoder layers (big presets)
     dtype: str = "float32"
@@ -58,6 +62,7 @@ class CellConfig:
                  f"L{self.model_layers}" if self.model_layers else "", self.dtype, f"b{self.batch_size}",
                  self.hardware.replace(":", "_").replace("=", "-").replace("%", "pct"),
                  _short(self.workload.replace("/", "_")),
+                 "" if self.calibration == "split" else "cal-" + _short(self.calibration.replace("/", "_")),
                  f"p{self.prompt_len}", f"n{self.max_new_tokens}",
                  f"t{self.temperature}" if self.temperature else "", f"s{self.seed}"]
         return "-".join(p for p in parts if p)
@@ -164,6 +169,8 @@ class Metrics:
     # throughput and latency (means over measured iterations)
     tokens_per_s: float | None = _metric(**_RATE, help="output tokens / end-to-end time (prefill included)")
     decode_tokens_per_s: float | None = _metric(**_RATE, help="tokens after the first / time after the first token")
+    steady_tokens_per_s: float | None = _metric(**_RATE, help="the same over the decode steps in which every row of "
+                                                              "the batch was still generating (no ragged tail)")
     prefill_tokens_per_s: float | None = _metric(**_RATE, help="prompt tokens / time to first token")
     ttft_ms: float | None = _metric(**_MS, fmt=".1f")
     tpot_ms_p50: float | None = _metric(**_MS, fmt=".2f", help="per-output-token time of each decode step, "
@@ -200,7 +207,22 @@ class Metrics:
     draft_time_ms: float | None = _metric(**_MS, fmt=".1f")
     verify_time_ms: float | None = _metric(**_MS, fmt=".1f")
     draft_h2d_bytes: int | None = _metric("bytes", "lower", "bytes", cpu_exact=True)
-    verify_h2d_bytes: int | None = _metric("bytes", "lower", "bytes", cpu_exact=True)
+    verify_h2d_bytes: int | None = _metric("bytes", "lower", "bytes", cpu_exact=True,
+                                           help="per iteration: verification's own copies (not the prefetched)")
+    acceptance_by_position: list[float | None] | None = _metric(
+        "ratio", None, "list", cpu_exact=True, compared=False,
+        help="[j]: accepted / drafted tokens at draft position j + 1 (a token is accepted only if all before it were)")
+    draft_forward_ms: float | None = _metric(**_MS, fmt=".3f", help="one draft forward (CUDA events on a GPU)")
+    verify_pass_ms: float | None = _metric(**_MS, fmt=".2f", help="one verification forward (CUDA events on a GPU)")
+    gamma_chosen: int | None = _metric("tokens", None, "count", cpu_exact=True, compared=False,
+                                       help="the draft length used for most decode steps (0: plain steps)")
+    # draft-guided prefetch (specmoe prefetch=draft; absent without it), per iteration
+    prefetch_h2d_bytes: int | None = _metric("bytes", None, "bytes", cpu_exact=True,
+                                             help="experts copied ahead of verification from the drafts' routing")
+    prefetch_used_bytes: int | None = _metric("bytes", "higher", "bytes", cpu_exact=True,
+                                              help="of those, routed by the verification they were copied for")
+    prefetch_wasted_bytes: int | None = _metric("bytes", "lower", "bytes", cpu_exact=True,
+                                                help="of those, not routed by that verification")
     # memory
     peak_device_mem_bytes: int | None = _metric("bytes", "lower", "bytes")
     host_rss_bytes_max: int | None = _metric("bytes", "lower", "bytes")

@@ -58,6 +58,28 @@ def test_engine_option_from_the_command_line_is_coerced_by_the_engine(capsys, tm
     assert "engine 'specmoe' option gamma='2.5': expected a whole number" in err
 
 
+@pytest.mark.parametrize("engine, options, message", [
+    ("specmoe", 'prefetch = "always"', "specmoe prefetch='always'; allowed: draft, none"),
+    ("specmoe", 'gamma = "auto"\ngammas = "1,0,4"',
+     "specmoe gammas='1,0,4': give draft lengths of at least 1, like 1,2,4,6,8,10"),
+    ("specmoe", 'gamma = "auto"\ngammas = ""', "specmoe gammas='': give draft lengths of at least 1"),
+    ("specmoe", 'gamma = "long"', "option gamma='long': expected a whole number or auto"),
+    ("caching", 'profile = "measured"', "caching profile='measured'; allowed: calibration, oracle"),
+])
+def test_speculation_and_profiling_options(engine, options, message, capsys, tmp_path):
+    assert message in refused(["run", matrix(tmp_path, engine=engine, options=options)], capsys, tmp_path)
+
+
+def test_a_calibration_set_that_does_not_exist(capsys, tmp_path):
+    missing = tmp_path / "calibration.jsonl"
+    err = refused(["run", matrix(tmp_path, engine="caching", settings=f'calibration = "{missing}"')], capsys,
+                  tmp_path)
+    assert f"calibration '{missing}': workload '{missing}': no such file" in err and "or use 'split'" in err
+    err = refused(["run", matrix(tmp_path, engine="caching", workload="code-heldout",
+                                 settings='calibration = "code-heldout"')], capsys, tmp_path)
+    assert "calibration 'code-heldout' is the cell's own workload" in err
+
+
 def test_equal_options_spelled_differently_name_one_cell():
     from harness.matrix import parse
     m = parse('[matrix]\nengines = ["specmoe"]\nmodels = ["tiny-mixtral-random"]\nbatch_sizes = [1]\n'

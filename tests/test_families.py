@@ -74,13 +74,15 @@ def prompts_for(path: str, workload: str) -> list[list[int]]:
 @pytest.mark.parametrize("family", list(family_configs()))
 def test_every_engine_gives_residents_tokens(checkpoints, family, workload):
     prompts = prompts_for(checkpoints[family], workload)
+    calibration = [list(p) for p in load_workload(workload, model=load_model(checkpoints[family]), batch_size=4,
+                                                  prompt_len=13, split="calibration")]
     assert len({len(p) for p in prompts}) > 1
     settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
     reference = None
     for name, options in ENGINES:
         engine = registry.create(name, **options)
         engine.load(load_model(checkpoints[family]), CPU)
-        engine.prepare(prompts, settings)
+        engine.prepare(prompts, settings, calibration=lambda: calibration)
         gen = engine.generate(prompts, settings)
         reference = reference or gen.tokens
         assert gen.tokens == reference, (name, options)

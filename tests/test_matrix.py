@@ -51,6 +51,23 @@ def test_expands_product_with_rules_and_options():
     assert all(c.workload == "synthetic-ids" for c in m.cells)
 
 
+def test_an_include_may_give_its_cells_engine_options():
+    text = GOOD + """
+[[include]]
+engine = "lru"
+model = "tiny-mixtral-random"
+batch_size = 1
+hardware = "cpu"
+options = { capacity = "2" }
+"""
+    lru = [c for c in matrix.parse(text, "m.toml").cells if c.engine == "lru" and c.batch_size == 1
+           and c.model == "tiny-mixtral-random"]
+    assert sorted(c.engine_options["capacity"] for c in lru) == ["2", "50%"]  # the include's and the axes' cell
+    assert len({c.key() for c in lru}) == 2
+    with pytest.raises(BadInput, match=r"\[\[include\]\] #2.options: must be a table of engine options"):
+        matrix.parse(text.replace('options = { capacity = "2" }', 'options = "2"'), "m.toml")
+
+
 @pytest.mark.parametrize("text, expected", [
     ("[matrix\nengines = 1", "m.toml: TOML syntax error"),
     (GOOD.replace("max_new_tokens = 8", "max_new_tokens = 8\nmax_new_token = 3"),
@@ -103,6 +120,26 @@ def test_shipped_matrices_parse(name):
     m = matrix.load(matrix.MATRICES_DIR / name, check_hardware=name == "cpu.toml")
     assert m.cells
     assert {c.engine for c in m.cells} >= {"resident", "offload"}
+
+
+def test_the_h200_specmoe_job_matrices():
+    """Issue 13's job (results/h200/specmoe_job.sh): every engine and setting at every batch size, and its three
+    calls' --only slices (batch 1 and 4, 16 and 64, 256) cover the main matrix."""
+    main = matrix.load(matrix.MATRICES_DIR / "h200-specmoe.toml", check_hardware=False).cells
+    spec = [c.engine_options for c in main if c.engine == "specmoe" and c.batch_size == 16]
+    assert {c.engine for c in main} == {"offload", "overlap", "caching", "lru", "nospec", "specmoe"}
+    assert {"gamma": 4, "adaptive": False, "prefetch": "none"} in spec  # the paper's settings
+    assert {"gamma": "auto", "prefetch": "draft"} in spec  # the best
+    assert sorted(o["gamma"] for o in spec if o.get("adaptive") is False and o["prefetch"] == "draft") == \
+        [1, 2, 4, 6, 8, 10]
+    assert all(c.hardware == "cuda:budget=25%" and c.dtype == "bfloat16" and c.max_new_tokens == 64 for c in main)
+    slices = [matrix.only(main, [f"batch_size={b}"]) for b in ("1,4", "16,64", "256")]
+    assert sorted(c.key() for part in slices for c in part) == sorted(c.key() for c in main)
+    assert len(main) == 13 * 5 == len({c.key() for c in main})
+    n = matrix.load(matrix.MATRICES_DIR / "h200-specmoe-n.toml", check_hardware=False).cells
+    assert sorted((c.hardware, str(c.engine_options.get("draft_experts"))) for c in n if c.batch_size == 16) == [
+        ("cuda:budget=25%", "1"), ("cuda:budget=50%", "1"), ("cuda:budget=50%", "2"), ("cuda:budget=50%", "None"),
+        ("cuda:budget=50%", "budget")]  # None: nospec
 
 
 def test_missing_file_is_one_line(tmp_path: Path):

@@ -65,6 +65,37 @@ def test_metrics_of_speculative_decoding():
     assert m.draft_time_ms == pytest.approx(50.0) and m.verify_h2d_bytes == 1600
 
 
+def test_steady_rate_counts_the_steps_before_the_first_row_finished():
+    # batch 2: both rows generate for 2 steps (0.02 s each), then row 1 alone for 2 more slow steps (0.1 s each)
+    g = Generation(tokens=[[1, 2, 3], [4, 5, 6, 7, 8]], prompt_lens=[2, 2], t_start=0.0, t_first=0.1,
+                   step_times=[0.12, 0.14, 0.24, 0.34], step_tokens=[2, 2, 1, 1], t_end=0.34,
+                   stats=dict(seq_steps=6), step_rows=[2, 2, 1, 1])
+    m, samples = metrics.compute([g])
+    assert m.steady_tokens_per_s == pytest.approx(4 / 0.04)
+    assert m.decode_tokens_per_s == pytest.approx(6 / 0.24)  # the ragged tail pulls the whole-call rate down
+    assert samples["steady_tokens_per_s"] == pytest.approx([100.0])
+    g.step_rows = None  # an engine that does not say which rows were still generating: not measured
+    assert metrics.compute([g])[0].steady_tokens_per_s is None
+
+
+def test_per_position_acceptance_draft_lengths_and_prefetch_bytes():
+    def gen(steps_by_gamma, drafted, accepted, prefetch):
+        return Generation(tokens=[[1] * 8], prompt_lens=[4], t_start=0.0, t_first=0.1, step_times=[0.2],
+                          step_tokens=[7], t_end=0.2, step_rows=[1],
+                          stats=dict(drafted_by_position=drafted, accepted_by_position=accepted, spec_steps=2,
+                                     draft_forwards=6, draft_time_s=0.006, verify_time_s=0.02,
+                                     steps_by_gamma=steps_by_gamma, prefetch_h2d_bytes=prefetch,
+                                     prefetch_used_bytes=prefetch // 2, prefetch_wasted_bytes=prefetch // 2))
+    m, _ = metrics.compute([gen({4: 2, 0: 1}, [2, 2, 2, 2], [2, 1, 1, 0], 400),
+                            gen({4: 1, 2: 3}, [4, 4, 1, 1], [4, 2, 0, 0], 200)])
+    assert m.acceptance_by_position == pytest.approx([1.0, 0.5, 1 / 3, 0.0])
+    assert m.gamma_chosen == 4  # 3 steps of gamma 4 against 3 of gamma 2: the longer on a tie
+    assert m.draft_forward_ms == pytest.approx(1.0) and m.verify_pass_ms == pytest.approx(10.0)
+    assert (m.prefetch_h2d_bytes, m.prefetch_used_bytes, m.prefetch_wasted_bytes) == (300, 150, 150)
+    plain, _ = metrics.compute([plain_gen()])
+    assert plain.acceptance_by_position is None and plain.gamma_chosen is None and plain.prefetch_h2d_bytes is None
+
+
 def test_engine_without_counters_leaves_traffic_absent():
     g = plain_gen()
     g.stats = {}

@@ -13,7 +13,8 @@ from engines import registry
 from engines.errors import BadInput
 from engines.hardware import HardwareProfile
 from engines.runtime import SamplingSettings
-from engines.specmoe import SpeculativeDecoder, greedy_accept, sample_accept
+from engines.draftlen import PROBE_EVERY
+from engines.specmoe import greedy_accept, sample_accept
 from workloads.models import load_model
 
 CPU = HardwareProfile.parse("cpu")
@@ -61,24 +62,24 @@ def test_greedy_specmoe_equals_resident_in_float32(model, options):
     settings = SamplingSettings(max_new_tokens=14)
     prompts = prompts_of_different_lengths(8, seed=8)
     engine = loaded("specmoe", model, torch.float32, **options)
-    engine.prepare(prompts, settings)
+    engine.prepare(prompts, settings, calibration=lambda: prompts_of_different_lengths(8, seed=80))
     assert engine.generate(prompts, settings).tokens == reference_tokens(model, torch.float32, 8, settings)
 
 
 def test_adaptive_mode_keeps_what_it_learnt_between_calls():
     """After speculation measured slower than plain steps, the next call of the same batch size decodes plainly,
-    probing speculation only every PROBE_EVERY steps, and still gives resident's tokens."""
+    timing speculation again only every PROBE_EVERY steps, and still gives resident's tokens."""
     settings = SamplingSettings(max_new_tokens=14)
     prompts = prompts_of_different_lengths(8, seed=8)
     engine = loaded("specmoe", "tiny-mixtral-random", torch.float32, gamma=4, adaptive=True)
     engine.generate(prompts, settings)
-    state = engine.adaptive_state[8]
-    assert state["spec"] is not None and state["plain"] is not None and state["step"] > 0
-    state.update(spec=1e-6, plain=1e9, step=1)  # as if speculation had been hopeless so far
+    model = engine.lengths[8]
+    assert model.candidates == [0, 4] and set(model.t_rest) == {0, 4} and model.steps > 0
+    model.t_rest[4] = 1e3  # as if a speculative step had taken 1000 s
     gen = engine.generate(prompts, settings)
     assert gen.tokens == reference_tokens("tiny-mixtral-random", torch.float32, 8, settings)
-    assert gen.stats["spec_steps"] <= 1 + gen.stats["plain_steps"] // SpeculativeDecoder.PROBE_EVERY
-    assert gen.stats["plain_steps"] >= 10
+    assert gen.stats["spec_steps"] <= 1 + gen.stats["plain_steps"] // PROBE_EVERY
+    assert gen.stats["plain_steps"] >= 8  # of 13 decode steps' worth of tokens; a probe gives up to 5
 
 
 def test_nospec_is_the_same_expert_management_without_drafting():
@@ -95,7 +96,9 @@ def test_nospec_is_the_same_expert_management_without_drafting():
 
 
 def test_drafting_moves_nothing_and_verification_fetches_each_missing_expert_once_per_layer_and_pass():
-    engine = loaded("specmoe", "tiny-mixtral-random", torch.float32, gamma=4, draft_experts=2, adaptive=False)
+    """The paper's fetching (prefetch none): deferred to verification and coalesced."""
+    engine = loaded("specmoe", "tiny-mixtral-random", torch.float32, gamma=4, draft_experts=2, adaptive=False,
+                    prefetch="none")
     store, policy = engine.runtime.store, engine.policy
     copies = []
     original = store.copy_to_device
@@ -132,12 +135,14 @@ def test_sample_accept_reproduces_the_target_distribution():
     assert chisquare(wrong, (p[0] * n).tolist()).pvalue < 1e-6  # the test can tell q from p
 
 
-def test_sampled_specmoe_matches_the_resident_token_distribution():
+@pytest.mark.parametrize("prefetch", ["none", "draft"])
+def test_sampled_specmoe_matches_the_resident_token_distribution(prefetch):
     """Two-sample chi-square on the 2nd and 3rd generated tokens of 600 copies of one prompt (small vocabulary,
     temperature 1.5 so the distribution is broad). Tokens seen fewer than 10 times are pooled."""
     settings_for = lambda seed: SamplingSettings(max_new_tokens=3, temperature=1.5, top_p=0.95, seed=seed)
     prompt = [[5, 17, 42, 9]] * 300
-    spec = loaded("specmoe", "tiny-mixtral-random", torch.float32, gamma=2, draft_experts=2, adaptive=False)
+    spec = loaded("specmoe", "tiny-mixtral-random", torch.float32, gamma=2, draft_experts=2, adaptive=False,
+                  prefetch=prefetch)
     ref = loaded("resident", "tiny-mixtral-random", torch.float32)
     spec_tokens = [t for s in (1, 2) for t in spec.generate(prompt, settings_for(s)).tokens]
     ref_tokens = [t for s in (3, 4) for t in ref.generate(prompt, settings_for(s)).tokens]
@@ -158,6 +163,12 @@ def test_greedy_accept_rule():
 @pytest.mark.parametrize("options,message", [
     (dict(draft_experts=9), "draft_experts=9: the model has only 8 experts per layer"),
     (dict(gamma=0), "gamma=0: the draft length must be at least 1"),
+    (dict(gamma="often"), "option gamma='often': expected a whole number or auto"),
+    (dict(gamma="auto", gammas="2,0"), "gammas='2,0': give draft lengths of at least 1, like 1,2,4,6,8,10"),
+    (dict(gamma="auto", gammas=""), "gammas='': give draft lengths of at least 1, like 1,2,4,6,8,10"),
+    (dict(prefetch="always"), "prefetch='always'; allowed: draft, none"),
+    (dict(draft_experts="most"), "option draft_experts='most': expected a whole number or budget"),
+    (dict(profile="measured"), "specmoe profile='measured'; allowed: calibration, oracle"),
     (dict(draft_policy="hottest"), "unknown draft policy 'hottest'; allowed: hot-temporal, hot-global, random"),
 ])
 def test_bad_options(options, message):
@@ -175,3 +186,118 @@ def test_teacher_forcing_runs_verification_shaped_blocks_and_agrees_in_float32()
     assert got.shape == expected.shape == (8, 14, 128)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     assert (got - expected).abs().max() < 1e-4
+
+
+# -- draft-guided prefetch (issue 13) ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["tiny-mixtral-random", "tiny-qwen2moe-random"])
+@pytest.mark.parametrize("dtype,batch,gamma", [(torch.float64, 1, 4), (torch.float64, 32, 10), (torch.float32, 8, 3)])
+def test_greedy_specmoe_with_prefetch_equals_resident(model, dtype, batch, gamma):
+    settings = SamplingSettings(max_new_tokens=14)
+    engine = loaded("specmoe", model, dtype, gamma=gamma, draft_experts=2, prefetch="draft", adaptive=False)
+    gen = engine.generate(prompts_of_different_lengths(batch, seed=batch), settings)
+    assert gen.tokens == reference_tokens(model, dtype, batch, settings)
+    assert gen.stats["prefetch_h2d_bytes"] > 0 and gen.stats["draft_h2d_bytes"] == 0
+
+
+def prefetch_spy(engine):
+    """Every expert copy as (forward index, layer, expert, made by the prefetcher?), and per verification pass and
+    layer the experts verification routed (what `serve` was asked for)."""
+    store, policy, rt = engine.runtime.store, engine.policy, engine.runtime
+    copies, routed = [], {}
+    copy, fill, serve = store.copy_to_device, policy.prefetch.fill, policy.serve
+    state = {"prefetching": False}
+
+    def spy_copy(layer, expert, stream=None):
+        copies.append((rt.forward_index, layer, expert, state["prefetching"]))
+        return copy(layer, expert, stream)
+
+    def spy_fill(after):
+        state["prefetching"] = True
+        try:
+            fill(after)
+        finally:
+            state["prefetching"] = False
+
+    def spy_serve(layer, experts):
+        routed[(rt.forward_index, layer)] = list(experts)
+        serve(layer, experts)
+
+    store.copy_to_device, policy.prefetch.fill, policy.serve = spy_copy, spy_fill, spy_serve
+    return copies, routed
+
+
+def test_prefetch_counts_each_expert_once_and_splits_used_from_wasted():
+    engine = loaded("specmoe", "tiny-mixtral-random", torch.float32, gamma=4, draft_experts=2, prefetch="draft",
+                    adaptive=False)
+    copies, routed = prefetch_spy(engine)
+    gen = engine.generate(prompts_of_different_lengths(16, seed=3), SamplingSettings(max_new_tokens=12))
+    eb, stats = engine.runtime.store.expert_bytes, gen.stats
+    assert stats["h2d_bytes"] == len(copies) * eb  # every copy counted once, prefetched ones included
+    prefetched = [(f, layer, e) for f, layer, e, by_prefetch in copies if by_prefetch]
+    assert stats["prefetch_h2d_bytes"] == len(prefetched) * eb > 0
+    # a prefetched expert is verification's: it is never copied again before that verification ran its layer
+    verify_of = {f: min(v for v, _ in routed if v >= f) for f, _, _ in prefetched}  # the next verification
+    for f, layer, e in prefetched:
+        again = [c for c in copies if c[1:3] == (layer, e) and f <= c[0] <= verify_of[f] and not c[3]]
+        assert not again, (f, layer, e)
+    used = sum(e in routed[(verify_of[f], layer)] for f, layer, e in prefetched)
+    assert stats["prefetch_used_bytes"] == used * eb
+    assert stats["prefetch_wasted_bytes"] == (len(prefetched) - used) * eb
+    assert stats["draft_h2d_bytes"] == 0
+
+
+def test_prefetch_takes_most_of_verifications_copies():
+    """The drafts' routing predicts verification's: with prefetch, verification's own copies fall by more than half
+    (tokens and every other setting the same)."""
+    prompts, settings = prompts_of_different_lengths(16, seed=3), SamplingSettings(max_new_tokens=12)
+    runs = {p: loaded("specmoe", "tiny-mixtral-random", torch.float32, gamma=4, draft_experts=2, prefetch=p,
+                      adaptive=False).generate(prompts, settings) for p in ("none", "draft")}
+    assert runs["draft"].tokens == runs["none"].tokens
+    assert runs["draft"].stats["verify_h2d_bytes"] < 0.5 * runs["none"].stats["verify_h2d_bytes"]
+    assert "prefetch_h2d_bytes" not in runs["none"].stats  # not measured where there is no prefetch
+
+
+# -- draft experts from the budget -------------------------------------------------------------------------------
+
+HALF = HardwareProfile(spec="cpu:half", device="cpu", expert_share=0.5)  # a CPU run under half the experts' bytes
+
+
+@pytest.mark.parametrize("options,n,window", [
+    (dict(draft_experts="budget", prefetch="none"), 4, 0),  # 2 layers x 4 experts fill the budget of 8
+    (dict(draft_experts=6, prefetch="none"), 4, 0),  # more than fits: capped
+    (dict(draft_experts=2, prefetch="draft"), 2, 12),  # two layers' worth plus the 4 left over, at most the 12 others
+    (dict(draft_experts="budget", prefetch="draft"), 4, 8),  # nothing left over: two layers' worth (2 x 8 > 8 others)
+])
+def test_draft_experts_and_prefetch_window_from_the_budget(options, n, window):
+    engine = registry.create("specmoe", **options)
+    engine.load(load_model("tiny-mixtral-random", dtype=torch.float32), HALF)
+    store = engine.runtime.store
+    assert engine.draft_experts == n and engine.prefetch_slots == window
+    assert store.num_slots == n * store.num_layers + store.num_experts + window
+    assert engine.setup_stats()["resident_experts"] == n * store.num_layers
+
+
+def test_draft_experts_budget_without_a_budget_is_every_expert():
+    engine = loaded("specmoe", "tiny-mixtral-random", torch.float32, draft_experts="budget")
+    assert engine.draft_experts == 8
+    gen = engine.generate(prompts_of_different_lengths(4), SamplingSettings(max_new_tokens=6))
+    assert gen.stats["accepted_tokens"] == gen.stats["drafted_tokens"]  # the draft is the model
+
+
+# -- the draft length chosen by measurement ----------------------------------------------------------------------
+
+
+def test_auto_gamma_gives_resident_tokens_and_reports_its_model():
+    settings = SamplingSettings(max_new_tokens=14)
+    prompts = prompts_of_different_lengths(8, seed=8)
+    engine = loaded("specmoe", "tiny-mixtral-random", torch.float32, gamma="auto", gammas="1,3,6", prefetch="draft")
+    for _ in range(2):  # the second call starts from what the first learnt
+        gen = engine.generate(prompts, settings)
+        assert gen.tokens == reference_tokens("tiny-mixtral-random", torch.float32, 8, settings)
+    model = engine.setup_stats()["draft_length"][8]
+    assert model["candidates"] == [0, 1, 3, 6] and set(model["rest_ms"]) == {0, 1, 3, 6}  # each one timed
+    assert model["best"] in (0, 1, 3, 6) and sum(model["steps_by_gamma"].values()) == engine.lengths[8].steps
+    assert len(gen.stats["drafted_by_position"]) == 6
+    assert sum(gen.stats["steps_by_gamma"].values()) == len(gen.step_times)

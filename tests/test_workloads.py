@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from engines.errors import BadInput
 from workloads.corpus import Corpus, Doc, is_heldout, load_corpus, stdlib_corpus
-from workloads.prompts import builtin_texts, check_workload, known_workloads, load_workload
+from workloads.prompts import (_windows, builtin_texts, check_calibration, check_workload, known_workloads,
+                               load_calibration, load_workload)
 
 
 class ToyTokenizer:
@@ -39,6 +40,55 @@ def test_builtin_docs_workload_without_tokenizer_uses_bytes_modulo_vocab():
     assert "utf-8 bytes" in w.tokenization
     docs = builtin_texts("docs-heldout")
     assert docs and all(len(d) >= 40 for d in docs)
+
+
+@pytest.mark.parametrize("n,length,seed", [(8, 32, 0), (64, 48, 3), (100, 50, 7), (5, 1, 1)])
+def test_calibration_windows_lie_between_the_measured_windows(n, length, seed):
+    """On a stream of distinct ids, windows share an id only where they overlap in the stream."""
+    stream = list(range(10_000))
+    measured, calibration = (_windows(stream, n, length, seed, phase) for phase in (0.0, 0.5))
+    assert len(calibration) == n and all(len(w) == length for w in calibration)
+    assert not {i for w in measured for i in w} & {i for w in calibration for i in w}
+
+
+@pytest.mark.parametrize("name,kwargs", [("code-heldout", dict(num_prompts=64, prompt_len=48)),
+                                         ("docs-heldout", dict(num_prompts=8, prompt_len=32)),
+                                         ("synthetic-ids", dict(num_prompts=16, prompt_len=24))])
+def test_every_workload_has_a_calibration_split_of_the_same_shape(name, kwargs):
+    measured = load_workload(name, ToyTokenizer(), vocab_size=98, **kwargs)
+    calibration = load_workload(name, ToyTokenizer(), vocab_size=98, split="calibration", **kwargs)
+    length = kwargs["prompt_len"]  # synthetic-ids varies lengths by up to a quarter either way
+    assert len(calibration) == len(measured) and all(abs(len(p) - length) <= length // 4 for p in calibration)
+    assert not {tuple(p) for p in measured} & {tuple(p) for p in calibration}
+    assert calibration.metadata()["split"] == "calibration" and measured.metadata()["split"] == "measure"
+    assert load_calibration(name, tokenizer=ToyTokenizer(), vocab_size=98, **kwargs) == calibration
+
+
+def test_a_file_calibrates_on_the_rows_after_the_batch_and_says_when_there_are_none(tmp_path):
+    path = tmp_path / "rows.txt"
+    path.write_text("\n".join(f"row number {i} of the file" for i in range(6)))
+    w = load_workload(str(path), ToyTokenizer(), num_prompts=4, split="calibration")
+    assert w == [ToyTokenizer().encode(f"row number {i} of the file") for i in (4, 5, 4, 5)]
+    with pytest.raises(BadInput, match="has 6 rows and the batch uses 6: no rows are left for a calibration split"):
+        load_workload(str(path), ToyTokenizer(), num_prompts=6, split="calibration")
+
+
+def test_a_stream_too_short_for_both_splits_is_one_line():
+    with pytest.raises(BadInput, match="leave no room in its .*-token stream for a calibration split"):
+        load_workload("docs-heldout", ToyTokenizer(), num_prompts=4096, prompt_len=64, split="calibration")
+
+
+def test_calibration_set_checks(tmp_path):
+    check_calibration("split", "code-heldout")
+    check_calibration("docs-heldout", "code-heldout")
+    with pytest.raises(BadInput, match="calibration 'code-heldout' is the cell's own workload"):
+        check_calibration("code-heldout", "code-heldout")
+    with pytest.raises(BadInput, match=r"calibration '.*nope.txt': workload .* no such file.*or use 'split'"):
+        check_calibration(str(tmp_path / "nope.txt"), "code-heldout")
+    other = load_calibration("code-heldout", "docs-heldout", tokenizer=ToyTokenizer(), num_prompts=3,
+                             prompt_len=16)
+    assert other == load_workload("docs-heldout", ToyTokenizer(), num_prompts=3, prompt_len=16)
+    assert other.metadata()["calibration_for"] == "code-heldout"
 
 
 def test_harness_spelling_model_and_batch_size():

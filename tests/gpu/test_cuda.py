@@ -30,7 +30,7 @@ def test_bf16_engines_agree_with_resident_on_cuda(model, capsys):
     for name, options in ENGINES:
         engine = registry.create(name, **options)
         engine.load(load_model(model, dtype=torch.bfloat16), hw)
-        engine.prepare(prompts, settings)
+        engine.prepare(prompts, settings, calibration=lambda: _prompts(8, seed=99))
         eq = check_engine(engine, prompts, settings, ref_tokens, ref_logits)
         with capsys.disabled():
             print(f"\n{model} {name}: exact={eq.exact_match_rate:.3f} top1={eq.teacher_forced_top1:.4f} "
@@ -62,6 +62,37 @@ def test_specmoe_in_float32_on_cuda_matches_resident_to_rounding(model, capsys):
               f"max|dlogit|={eq.max_abs_logit_diff:.3g}")
     assert eq.max_abs_logit_diff < 1e-3
     assert eq.teacher_forced_top1 >= 0.999
+
+
+@pytest.mark.parametrize("gamma", [4, "auto"])
+def test_specmoe_prefetch_on_cuda(gamma, capsys):
+    """Draft-guided prefetch's CUDA path (the drafts' routing noted inside the draft graphs, copies on the copy
+    stream while the drafts replay): resident's logits to float32 rounding, prefetched bytes = used + wasted, and at
+    a fixed gamma fewer copies of verification's own than without prefetch."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    hw, model = HardwareProfile.parse("cuda"), "tiny-mixtral-random"
+    prompts, settings = _prompts(16, seed=2), SamplingSettings(max_new_tokens=24)
+    ref = registry.create("resident")
+    ref.load(load_model(model, dtype=torch.float32), hw)
+    ref_tokens, ref_logits = reference(ref, prompts, settings)
+    verify = {}
+    for prefetch in ("none", "draft"):
+        engine = registry.create("specmoe", gamma=gamma, draft_experts=2, prefetch=prefetch,
+                                 adaptive=gamma == "auto")
+        engine.load(load_model(model, dtype=torch.float32), hw)
+        stats = [engine.generate(prompts, settings).stats for _ in range(2)][-1]
+        eq = check_engine(engine, prompts, settings, ref_tokens, ref_logits)
+        with capsys.disabled():
+            print(f"\nspecmoe gamma={gamma} prefetch={prefetch}: top1={eq.teacher_forced_top1:.4f} "
+                  f"verify_h2d={stats['verify_h2d_bytes']} prefetch_h2d={stats.get('prefetch_h2d_bytes')} "
+                  f"wasted={stats.get('prefetch_wasted_bytes')} steps={stats['steps_by_gamma']}")
+        assert eq.max_abs_logit_diff < 1e-3 and eq.teacher_forced_top1 >= 0.999
+        if prefetch == "draft":
+            assert stats["prefetch_h2d_bytes"] == stats["prefetch_used_bytes"] + stats["prefetch_wasted_bytes"]
+        verify[prefetch] = stats["verify_h2d_bytes"]
+        engine.close()
+    if gamma != "auto":  # auto's choices follow the timings, so its two runs need not draft alike
+        assert verify["draft"] < verify["none"]
 
 
 def _hf_logits(model, prompts, continuations, device):
