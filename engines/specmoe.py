@@ -15,6 +15,8 @@ A draft forward never learns its routing on the host: the substitution is a devi
 the pool slot of its substitute, so drafts are CUDA-graph replays; acceptance, bonus tokens and next positions
 are computed on the device for the whole batch, with one host transfer per step (prefetch adds two reads of the
 drafts' routing mask, after the first draft forward and after the last).
+The file holds the engine, its policy and its decode loop together (over 500 lines) because the three share one
+state (the draft sets, the substitution table, the per-batch draft-length model) that splitting would pass around.
 """
 from __future__ import annotations
 

@@ -3,6 +3,9 @@ A timing change is called a regression only when it passes the ratio threshold *
 differ significantly (Mann-Whitney U, asv's rule); timings mean something only between runs of one machine in one
 job (`.ci/run` measures base and candidate interleaved, several runs a side, pooled here). Metrics that are
 deterministic on the CPU are compared exactly there; those that vary by design are left out with the reason.
+It is over 500 lines because it holds the comparison rules, the comparison of runs pooled per side (several runs of
+a base against several of a candidate, as harness/continuous.py runs them) and the two renderings (Markdown,
+github-action-benchmark JSON) that CI reads; each is a few short functions.
 """
 from __future__ import annotations
 

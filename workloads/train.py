@@ -6,6 +6,8 @@ corpus (default: the Python standard library), then saved with save_pretrained n
 (held-out loss, perplexity, unigram baseline, routing statistics and skew, weights hash).
 `trained_checkpoint("tiny")` caches the result per machine, trained at most once. Recipes with
 trainer="deterministic" train through workloads/deterministic.py and give the same weights run after run.
+It is over 500 lines because the recipes, the data pipeline, the training loop and the checkpoint cache are one
+unit: a recipe change must change its cache key, its data and its loop together.
 """
 from __future__ import annotations
 
