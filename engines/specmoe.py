@@ -10,7 +10,8 @@ Draft experts are refreshed from the experts recent verification passes used (ho
 Beyond the paper, each one option away from it: `prefetch = "draft"` copies the experts the drafts' router chose
 while drafting (engines/prefetch.py); `gamma = "auto"` chooses the draft length per batch size from measured
 acceptance and step times (engines/draftlen.py); `draft_experts = "budget"` takes as many draft experts as the
-expert budget holds.
+expert budget holds. The first two are the defaults, the fastest settings measured on the H200
+(results/h200/acceptance/README.md); the paper's are gamma = 4, adaptive = false, prefetch = "none".
 A draft forward never learns its routing on the host: the substitution is a device-side table from expert id to
 the pool slot of its substitute, so drafts are CUDA-graph replays; acceptance, bonus tokens and next positions
 are computed on the device for the whole batch, with one host transfer per step (prefetch adds two reads of the
@@ -40,7 +41,7 @@ PREFETCH = ("draft", "none")
 
 @dataclass
 class SpecMoEOptions:
-    gamma: int | str = field(default=4, metadata={
+    gamma: int | str = field(default="auto", metadata={
         "help": "draft length: tokens drafted per sequence per step (>= 1), or auto: per batch size, the one of "
                 "`gammas` that maximises expected tokens/s from measured acceptance and step times",
         "words": ("auto",)})
@@ -53,10 +54,10 @@ class SpecMoEOptions:
     draft_policy: str = field(default="hot-temporal", metadata={
         "help": "which experts are draft experts: hot-temporal (refreshed from recent verification passes), "
                 "hot-global (most used in a profiling pass, fixed), random (fixed, seeded)"})
-    prefetch: str = field(default="none", metadata={
-        "help": "draft: copy the experts the drafts' router chose (before substitution) while drafting, so "
-                "verification finds them on the device; none (the default until draft is measured on a GPU): the "
-                "paper's deferred, coalesced copies in verification only"})
+    prefetch: str = field(default="draft", metadata={
+        "help": "draft (the default): copy the experts the drafts' router chose (before substitution) while "
+                "drafting, so verification finds them on the device; none: the paper's deferred, coalesced copies "
+                "in verification only"})
     profile: str = profile_field("hot-global")
     adaptive: bool = field(default=True, metadata={
         "help": "plain steps (gamma 0) are a candidate too: speculation switches off where a plain step is "

@@ -9,9 +9,10 @@ Definitions (per iteration, then the mean over iterations; `samples` keeps the p
   prefill_tokens_per_s  prompt tokens of all sequences / TTFT
   ttft_ms               t_first - t_start: the whole batch's first tokens are known
   tpot_ms_pNN           percentiles over every decode step of every iteration of the per-token time of that step
-                        for one sequence: step duration / (tokens the step emitted / batch size). For plain
-                        decoding that is the step duration; a speculative step that gives each sequence 3 tokens
-                        counts a third of its duration per token
+                        for one sequence: step duration / (tokens the step emitted / rows still generating when it
+                        began; the batch size where the engine does not record step_rows). For plain decoding that
+                        is the step duration; a speculative step that gives each sequence 3 tokens counts a third
+                        of its duration per token, also in a ragged tail where few rows are left
   h2d_bytes_per_token   expert bytes copied host -> device / output tokens
   h2d_gb_per_s          those bytes / (t_end - t_start), in 1e9 bytes/s: the copy rate the engine achieved over
                         the whole generate call (compute included); near the link's rate on copy-bound cells
@@ -104,11 +105,11 @@ def steady_tokens_per_s(g: Generation) -> float | None:
 
 def tpot_samples_ms(g: Generation) -> list[float]:
     """Per-token time of each decode step for one sequence (see the module docstring)."""
-    batch = len(g.tokens)
+    rows = g.step_rows or [len(g.tokens)] * len(g.step_times)
     out, prev = [], g.t_first
-    for t, n in zip(g.step_times, g.step_tokens):
+    for t, n, live in zip(g.step_times, g.step_tokens, rows):
         if n > 0:
-            out.append((t - prev) * 1e3 * batch / n)
+            out.append((t - prev) * 1e3 * live / n)
         prev = t
     return out
 

@@ -97,7 +97,7 @@ def ci_run(root, *args, timeout=900):
 def test_a_candidate_30pct_slower_fails_naming_the_cell_and_the_metric(repo):
     (repo / "slow_engine.py").write_text(SLOW_ENGINE.format(slowdown=0.3))
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "candidate: 30% slower")
-    out = ci_run(repo, "--no-tests", "--matrix", "ci-test.toml", "--baseline", "none", "--rounds", "4")
+    out = ci_run(repo, "--no-tests", "--matrix", "ci-test.toml", "--baseline", "none", "--rounds", "5")
     assert out.returncode == 1, out.stdout + out.stderr
     flagged = [line.split("|")[1:3] for line in out.stdout.splitlines() if "**regression**" in line]
     cells = {c.strip() for c, _ in flagged}
@@ -106,7 +106,7 @@ def test_a_candidate_30pct_slower_fails_naming_the_cell_and_the_metric(repo):
                                                "speedup_over_offload"}, out.stdout
     assert "continuous: REGRESSION" in out.stdout
     report = next(repo.glob("results/runs/ci-*/regress.md")).read_text()
-    assert "measured in turns in this job (4 vs 4 runs)" in report
+    assert "measured in turns in this job (5 vs 5 runs)" in report
     assert not list(Path("/tmp").glob("specmoe-base-*/slow_engine.py"))  # the base worktree is gone
 
 

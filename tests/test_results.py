@@ -74,6 +74,9 @@ def test_steady_rate_counts_the_steps_before_the_first_row_finished():
     assert m.steady_tokens_per_s == pytest.approx(4 / 0.04)
     assert m.decode_tokens_per_s == pytest.approx(6 / 0.24)  # the ragged tail pulls the whole-call rate down
     assert samples["steady_tokens_per_s"] == pytest.approx([100.0])
+    # a step's per-token time is for one of the rows it served: the lone row's 0.1 s steps are 100 ms per token,
+    # not the batch size times that (the H200 first reported p99s longer than the whole call that way)
+    assert sorted(metrics.tpot_samples_ms(g)) == pytest.approx([20.0, 20.0, 100.0, 100.0])
     g.step_rows = None  # an engine that does not say which rows were still generating: not measured
     assert metrics.compute([g])[0].steady_tokens_per_s is None
 
