@@ -123,8 +123,8 @@ def test_shipped_matrices_parse(name):
 
 
 def test_the_h200_specmoe_job_matrices():
-    """Issue 13's job (results/h200/specmoe_job.sh): every engine and setting at every batch size, and its three
-    calls' --only slices (batch 1 and 4, 16 and 64, 256) cover the main matrix."""
+    """Issue 13's matrices (results/h200/acceptance_job.sh): every engine and setting at every batch size, and
+    --only slices by batch size (which device calls can share out) cover the main matrix."""
     main = matrix.load(matrix.MATRICES_DIR / "h200-specmoe.toml", check_hardware=False).cells
     spec = [c.engine_options for c in main if c.engine == "specmoe" and c.batch_size == 16]
     assert {c.engine for c in main} == {"offload", "overlap", "caching", "lru", "nospec", "specmoe"}
