@@ -59,8 +59,13 @@ def load_run_meta(ref: str | Path) -> dict:
 
 TIMING_UNITS = {"tokens/s", "ms", "GB/s"}  # read off a clock: they measure the machine as much as the code
 # Engine options that choose by measured time, so the counts of a cell that has them on follow the timing noise.
-TIMING_DRIVEN_OPTIONS = {"adaptive": "speculation is switched on or off by measured tokens/s, so its counts follow "
-                                     "the timing noise; set adaptive = false to compare them exactly"}
+# option -> (the value that makes a cell choose by measured times, why its counts then vary from run to run)
+TIMING_DRIVEN_OPTIONS = {
+    "adaptive": (True, "speculation is switched on or off by measured tokens/s, so its counts follow the timing "
+                       "noise; set adaptive = false to compare them exactly"),
+    "gamma": ("auto", "the draft length is chosen from measured step times, so its counts follow the timing noise; "
+                      "set a fixed gamma to compare them exactly"),
+}
 SAME_IN_EVERY_MODE = {"equivalent", "exact_match_rate", "output_tokens"}  # the tokens do not depend on the switch
 REFERENCE_ENGINE = "offload"  # between-engine ratios are over naive offload, as in the paper (MoE-OnDemand)
 RATIO_OF = "tokens_per_s"
@@ -99,9 +104,9 @@ def varies_by_design(r: CellResult) -> str | None:
     """Why this cell's counts vary from run to run by design (an option on that chooses by timing), else None."""
     defaults, speculates = engine_defaults(r.config.engine)
     options = defaults | r.config.engine_options
-    for name, why in TIMING_DRIVEN_OPTIONS.items():
-        if speculates and options.get(name) is True:
-            return f"left out: {r.config.engine} {name}=True ({why})"
+    for name, (value, why) in TIMING_DRIVEN_OPTIONS.items():
+        if speculates and name in options and options[name] == value and type(options[name]) is type(value):
+            return f"left out: {r.config.engine} {name}={value} ({why})"
     return None
 
 

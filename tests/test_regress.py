@@ -87,7 +87,7 @@ def test_a_metric_can_have_its_own_threshold(tmp_path):
 
 
 def test_change_in_bytes_per_token_is_flagged_exactly(tmp_path):
-    fixed = {"adaptive": False}  # as in the CI matrix: with speculation switched by timings the bytes vary
+    fixed = {"adaptive": False, "gamma": 4}  # as in the CI matrix: with choices made by timings the bytes vary
     base = write_run(tmp_path, "base-fixed", matrix(seed=1, spec_options=fixed))
     cand = write_run(tmp_path, "cand", matrix(seed=2, bytes_change=("specmoe", 4097.0), spec_options=fixed))
     res = run_cli("--baseline", base, "--candidate", cand)
@@ -213,6 +213,18 @@ def test_adaptive_specmoe_counts_are_left_out_with_the_reason_and_its_tokens_sti
     assert by["b1", "equivalent"].status == "ok" and by["b4", "equivalent"].status == "regression"
     text = run_cli("--baseline", write_run(tmp_path, "b", base), "--candidate", write_run(tmp_path, "c", cand)).output
     assert "| left out | left out: specmoe adaptive=True (speculation is switched on or off by measured" in text
+
+
+def test_a_draft_length_chosen_by_timings_leaves_its_counts_out_too():
+    """gamma = auto (the default) chooses the draft length from measured step times, so with adaptive off the bytes
+    still follow the timing noise; a fixed gamma is compared exactly."""
+    for gamma, status in (("auto", "left out"), (4, "regression")):
+        options = {"adaptive": False, "gamma": gamma}
+        base = [make_cell("specmoe", 1, 200, 4096.0, seed=1, options=options)]
+        cand = [make_cell("specmoe", 1, 200, 4500.0, seed=2, options=options)]
+        row = next(r for r in compare_runs(base, cand, 0.1).rows if r.metric == "h2d_bytes_per_token")
+        assert row.status == status, row
+        assert ("gamma=auto" in row.note) == (gamma == "auto"), row
 
 
 def test_runs_of_one_side_are_pooled_and_a_count_that_varies_between_them_is_flagged(tmp_path):
