@@ -13,32 +13,7 @@
 # After every step the cell files (not the cached reference logits, which are large) are archived under $OUT.
 set -u
 limit=${1:?usage: acceptance_job.sh SECONDS}
-end=$((SECONDS + limit))
-out=${OUT:-/tmp/smb-out}
-repo=$PWD
-mkdir -p "$out" "$repo/.cache"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$repo HF_HUB_OFFLINE=1 SPECMOE_BENCH_CACHE=$repo/.cache/specmoe-bench
-left() { echo $((end - SECONDS)); }
-log() { echo "== $(date -u +%T) $* ($(left) s left)" | tee -a "$out/job.log"; }
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max \
-    --format=csv; python3 -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, \
-transformers.__version__)"; echo "code: $(git -C "$repo" rev-parse HEAD) dirty=$(git -C "$repo" status --porcelain | wc -l)"; \
-  } >> "$out/machine.txt" 2>&1
-
-run() {  # MATRIX RUN_ID [--only ...]: measure until the time left minus a margin, then archive the cells
-    local matrix=$1 id=$2
-    shift 2
-    [ "$(left)" -gt 45 ] || return 0
-    log "$id $*"
-    timeout -s INT $(( $(left) - 20 )) python3 -m harness.cli run "$matrix" --run-id "$id" --results-dir results/runs \
-        --quiet "$@" 2>&1 | grep -v Warn | tail -40 | tee -a "$out/job.log"
-    [ -d "results/runs/$id" ] && tar czf "$out/$id.tgz" --exclude=reference -C results/runs "$id"
-}
-
-once() {  # NAME COMMAND...: a step that runs once per machine
-    [ -f "$repo/.cache/done-$1" ] && return 0
-    "${@:2}" && touch "$repo/.cache/done-$1"
-}
+source "$(dirname "$0")/job_lib.sh"
 
 smoke() {
     [ "$(left)" -gt 60 ] || return 1
@@ -53,13 +28,6 @@ train() {
         2>&1 | tail -2 | tee -a "$out/job.log"
     cp "$(python3 -c "from workloads.train import cached_checkpoint; print(cached_checkpoint('small'))")/training.json" \
         "$out/training-small.json"
-}
-
-gpu_tests() {
-    [ "$(left)" -gt 90 ] || return 1
-    log "tests/gpu"
-    timeout $(( $(left) - 10 )) python3 -m pytest -q -s tests/gpu > "$out/gpu-tests.log" 2>&1
-    tail -2 "$out/gpu-tests.log" | tee -a "$out/job.log"
 }
 
 once smoke smoke

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 14's study on one H200 (results/h200/paper/README.md), in back-to-back device calls of one session on one
+# machine; every call runs this plan from the top and goes on where the last one stopped (job_lib.sh):
+#   bash results/h200/paper_job.sh 570        # SECONDS: this call's share of the device time
+# The plan, most needed first:
+#   1. tests/gpu, once per machine (issue 12's check of every engine on CUDA; ~40 s)
+#   2. train nllb-like (run a, cached for the cells: results/h200/train_job.sh)
+#   3. matrices/h200-paper-nllb-gamma.toml at batch 1 (T(gamma), the acceptance's T(10)), run paper-nllb-gamma
+#   4. matrices/h200-paper-nllb.toml at batch 1 and 256 (the acceptance's speedup), run paper-nllb
+#   5. train nllb-like again (run b: the same weights_sha256?)
+#   6. the rest of paper-nllb at 16 and 64, then the N sweep and draft policies (paper-nllb-n), then T(gamma) at 64,
+#      then the remaining batch sizes and the 19% budget
+#   7. train mixtral-like (run a), matrices/h200-paper-mixtral.toml, run paper-mixtral
+# Under $OUT: job.log, machine.txt, gpu-tests.log, train-RECIPE-RUN/ (train_job.sh's files), RUN_ID.tgz (cells).
+set -u
+limit=${1:?usage: paper_job.sh SECONDS}
+source "$(dirname "$0")/job_lib.sh"
+
+train() {  # RECIPE RUN: one training by train_job.sh, with the time this call has left
+    [ "$(left)" -gt 200 ] || { log "train $1 $2: too little time left"; return 1; }
+    log "train $1 run $2"
+    OUT="$out/train-$1-$2" RUNS=$2 BUDGET=$(( $(left) - 15 )) bash "$repo/results/h200/train_job.sh" "$1" 2>&1 \
+        | tail -6 | tee -a "$out/job.log"
+    awk -F"\t" -v r="$1" -v n="$2" '$1 == r && $2 == n && $3 == 0 {ok = 1} END {exit !ok}' "$out/train-$1-$2/summary.tsv"
+}
+
+once gpu_tests gpu_tests
+once train-nllb-a train nllb-like a
+run matrices/h200-paper-nllb-gamma.toml paper-nllb-gamma --only batch_size=1
+run matrices/h200-paper-nllb.toml paper-nllb --only batch_size=1,256
+once train-nllb-b train nllb-like b
+run matrices/h200-paper-nllb.toml paper-nllb --only batch_size=16,64
+run matrices/h200-paper-nllb-n.toml paper-nllb-n
+run matrices/h200-paper-nllb-gamma.toml paper-nllb-gamma
+run matrices/h200-paper-nllb.toml paper-nllb
+once train-mixtral-a train mixtral-like a
+run matrices/h200-paper-mixtral.toml paper-mixtral
+ls -la "$out"
