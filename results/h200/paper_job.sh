@@ -7,10 +7,12 @@
 #   2. train nllb-like (run a, cached for the cells: results/h200/train_job.sh)
 #   3. matrices/h200-paper-nllb-gamma.toml at batch 1 (T(gamma), the acceptance's T(10)), run paper-nllb-gamma
 #   4. matrices/h200-paper-nllb.toml at batch 1 and 256 (the acceptance's speedup), run paper-nllb
-#   5. train nllb-like again (run b: the same weights_sha256?)
+#   5. train nllb-like again (run b: the same weights_sha256?), then mixtral-like (run a)
 #   6. the rest of paper-nllb at 16 and 64, then the N sweep and draft policies (paper-nllb-n), then T(gamma) at 64,
 #      then the remaining batch sizes and the 19% budget
-#   7. train mixtral-like (run a), matrices/h200-paper-mixtral.toml, run paper-mixtral
+#   7. matrices/h200-paper-mixtral.toml, run paper-mixtral
+# A machine left idle for about 30 s is given back, and a fresh one has none of the trained checkpoints: send the
+# next call at once (2026-12-02, call 3 found a fresh machine and spent its time training nllb-like again).
 # Under $OUT: job.log, machine.txt, gpu-tests.log, train-RECIPE-RUN/ (train_job.sh's files), RUN_ID.tgz (cells).
 set -u
 limit=${1:?usage: paper_job.sh SECONDS}
@@ -29,10 +31,10 @@ once train-nllb-a train nllb-like a
 run matrices/h200-paper-nllb-gamma.toml paper-nllb-gamma --only batch_size=1
 run matrices/h200-paper-nllb.toml paper-nllb --only batch_size=1,256
 once train-nllb-b train nllb-like b
+once train-mixtral-a train mixtral-like a
 run matrices/h200-paper-nllb.toml paper-nllb --only batch_size=16,64
 run matrices/h200-paper-nllb-n.toml paper-nllb-n
 run matrices/h200-paper-nllb-gamma.toml paper-nllb-gamma
 run matrices/h200-paper-nllb.toml paper-nllb
-once train-mixtral-a train mixtral-like a
 run matrices/h200-paper-mixtral.toml paper-mixtral
 ls -la "$out"
