@@ -142,6 +142,30 @@ def test_the_h200_specmoe_job_matrices():
         ("cuda:budget=50%", "budget")]  # None: nospec
 
 
+def test_the_h200_paper_study_matrices():
+    """Issue 14's matrices (results/h200/paper_job.sh): the figure's engines on the NLLB-like checkpoint, T(gamma)
+    for gamma 1..10 and the N sweep / draft policies at batch 1 and 64, each cell once."""
+    def cells(name):
+        found = matrix.load(matrix.MATRICES_DIR / name, check_hardware=False).cells
+        assert len({c.key() for c in found}) == len(found)
+        return found
+    figure = cells("h200-paper-nllb.toml")
+    at = {(c.engine, c.hardware) for c in figure if c.batch_size == 256}
+    assert {(e, "cuda:budget=25%") for e in ("offload", "overlap", "caching", "lru", "nospec", "specmoe")} <= at
+    assert ("resident", "cuda") in at and ("offload", "cuda:budget=19%") in at
+    assert sorted({c.batch_size for c in figure if c.engine == "offload"}) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    gamma = cells("h200-paper-nllb-gamma.toml")
+    assert sorted((c.batch_size, c.engine_options["gamma"]) for c in gamma) == \
+        sorted((b, g) for b in (1, 64) for g in range(1, 11))
+    assert all(c.engine_options["adaptive"] is False and c.engine_options["prefetch"] == "none" for c in gamma)
+    sweep = {(c.engine_options.get("draft_experts", 4), c.engine_options.get("draft_policy", "hot-temporal"))
+             for c in cells("h200-paper-nllb-n.toml") if c.batch_size == 64}
+    assert sweep == {(n, "hot-temporal") for n in (1, 2, 4, 8, 16)} | {(4, "random"), (4, "hot-global")}
+    assert {c.model for name in ("h200-paper-nllb.toml", "h200-paper-nllb-gamma.toml", "h200-paper-nllb-n.toml")
+            for c in cells(name)} == {"nllb-like"}
+    assert {c.model for c in cells("h200-paper-mixtral.toml")} == {"mixtral-like"}
+
+
 def test_missing_file_is_one_line(tmp_path: Path):
     with pytest.raises(BadInput, match=r"nope.toml: no such matrix file"):
         matrix.load(tmp_path / "nope.toml")
