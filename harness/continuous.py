@@ -1,7 +1,8 @@
 """`specmoe-bench continuous`: asv's `continuous` for this harness. The base commit (checked out in a git worktree)
-and the candidate (this working tree) run one matrix in turns, A B A B, on the same machine in the same job; their
-timings are compared with each other (pooled samples, ratio threshold and Mann-Whitney U), never with times taken on
-another day, and the candidate's counted metrics are compared exactly with a committed baseline.
+and the candidate (this working tree) run one matrix in turns, A B B A A B ..., on the same machine in the same job;
+their timings are compared with each other (each run's best iteration one sample, ratio threshold and Mann-Whitney
+U), never with times taken on another day, and the candidate's counted metrics are compared exactly with a committed
+baseline.
 """
 from __future__ import annotations
 
@@ -57,6 +58,13 @@ def measure(tree: Path, matrix_file: Path, run_id: str, job_dir: Path) -> tuple[
     return rc in (0, 1) and (job_dir / run_id / "cells").is_dir(), time.perf_counter() - t0
 
 
+def sides_in_turn(round_no: int, worktree: Path) -> list[tuple[str, Path]]:
+    """A B, then B A (A B B A A B ...): whatever drifts through the job (the machine warming, other work starting
+    or ending) falls on both sides alike, not on whichever side always runs second."""
+    order = [("base", worktree), ("candidate", REPO_ROOT)]
+    return order if round_no % 2 else order[::-1]
+
+
 def run_continuous(matrix_file: str, base: str, rounds: int, thresholds: tuple[str, ...], baseline: str | None,
                    job_dir: Path, echo=click.echo) -> int:
     m, sha, (thr, per_metric) = check_inputs(matrix_file, base, rounds, thresholds, baseline)
@@ -70,7 +78,7 @@ def run_continuous(matrix_file: str, base: str, rounds: int, thresholds: tuple[s
             raise BadInput(f"--base {base!r}: git worktree add failed: {out.stderr.strip()}")
         runs: dict[str, list[str]] = {"base": [], "candidate": []}
         for r in range(1, rounds + 1):
-            for side, tree in (("base", worktree), ("candidate", REPO_ROOT)):
+            for side, tree in sides_in_turn(r, worktree):
                 run_id = f"{side}-{r}"
                 ok, wall = measure(tree, matrix_path, run_id, job_dir)
                 echo(f"round {r}/{rounds}: {side} {'measured' if ok else 'FAILED to run'} in {wall:.0f} s "
@@ -122,7 +130,8 @@ def report(runs: dict[str, list[str]], baseline: str | None, thr: float, per_met
 @click.option("--base", default="HEAD^", show_default=True, metavar="REF",
               help="The commit to compare with (checked out in a temporary git worktree).")
 @click.option("--rounds", type=int, default=5, show_default=True,
-              help="Runs of each side, in turns; each run's median is one sample (at least 4 to be tested).")
+              help="Runs of each side, in turns (A B B A ...); each run's best iteration is one sample (at least 4 "
+                   "to be tested).")
 @click.option("--threshold", "thresholds", multiple=True, default=["10%"], show_default=True,
               metavar="PCT|METRIC=PCT", help="As for `regress`.")
 @click.option("--baseline", default=None, metavar="RUN_DIR",

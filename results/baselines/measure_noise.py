@@ -1,14 +1,15 @@
 """Run-to-run noise of repeated runs of one commit, as `specmoe-bench regress` sees it: per cell and timing metric,
-the median of each run's per-iteration samples, and the worst ratio between any two runs. Suggests a threshold of
+each run's best iteration (harness.regress.best_of: what `continuous` compares), and the worst ratio between any
+two runs. Suggests a threshold of
 twice the worst deviation, at least 25%, per metric.
 
     python results/baselines/measure_noise.py RUN_DIR RUN_DIR [RUN_DIR ...]
 """
 import math
-import statistics
 import sys
 
-from harness.regress import load_run
+from harness.regress import best_of, load_run
+from harness.schema import metric_fact
 
 METRICS = ["tokens_per_s", "decode_tokens_per_s", "ttft_ms", "tpot_ms_p50"]
 SHOWN = ["tokens_per_s", "tpot_ms_p50"]  # per-cell tables printed for these
@@ -22,14 +23,14 @@ def main(paths: list[str]) -> None:
     for m in METRICS:
         lines = []
         for key in keys:
-            meds = [statistics.median(r[key].samples[m]) for r in runs if r[key].samples.get(m)]
+            meds = [best_of(r[key].samples[m], metric_fact(m).better) for r in runs if r[key].samples.get(m)]
             if len(meds) < 2:
                 continue
             ratio = max(meds) / min(meds)
             worst_all[m] = max(worst_all.get(m, 1.0), ratio)
             lines.append(f"  {key[:58]:58s} " + " ".join(f"{x:8.4g}" for x in meds) + f"   worst ratio {ratio:.2f}")
         if m in SHOWN and lines:
-            print(f"{m}: median of each run's samples")
+            print(f"{m}: best iteration of each run")
             print("\n".join(lines))
     for m, ratio in worst_all.items():
         suggested = max(0.25, math.ceil(2 * (ratio - 1) * 20) / 20)
