@@ -216,8 +216,7 @@ def best_of(xs: list[float], better: str | None) -> float:
     """A run's best iteration: the fastest (least time, most tokens/s). Other work on the machine only ever adds
     time, so on a busy machine it is the iteration least disturbed (tests/test_ci.py's cells under two busy loops on
     2 cores, 40 iterations a run: one cell's tokens/s spread 1.03-1.07x over 5 runs this way, 1.09-1.14x as run
-    medians); code made
-    30% slower makes every iteration slower, the best one too. What it cannot see: a slowdown of a few iterations
+    medians); code made 30% slower makes every iteration slower, the best one too. What it cannot see: a slowdown of a few iterations
     only (a stall now and then), which the per-iteration samples of one run a side still show."""
     return max(xs) if better == "higher" else min(xs) if better == "lower" else statistics.median(xs)
 
