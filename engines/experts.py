@@ -1,13 +1,16 @@
 """The arithmetic of every expert in the project: routed (token, expert) pairs, grouped by the pool slot that serves
-them, through one grouped GEMM per projection over the device expert pool. No host sync and no Python loop over
-experts, so a layer whose slots are known on the device (all resident, or a draft's substitution table) can be
-captured in a CUDA graph; every engine computes its experts here, so outputs are comparable.
+them, through one grouped GEMM per projection over the device expert pool (at a few pairs on CUDA, engines/gemv.py's
+kernel, straight from the routing). No host sync and no Python loop over experts, so a layer whose slots are known
+on the device (all resident, or a draft's substitution table) can be captured in a CUDA graph; every engine computes
+its experts here, so outputs are comparable.
 
 Shape keys: N = tokens of the forward, K = experts per token, P = N * K routed pairs, S = pool slots, H = hidden.
 """
 from __future__ import annotations
 
 import torch
+
+from . import gemv
 
 # torch._grouped_mm has a fast kernel for these; other dtypes (float64) run one matmul per group instead
 _GROUPED_DTYPES = (torch.bfloat16, torch.float32)
@@ -16,7 +19,7 @@ _GROUPED_DTYPES = (torch.bfloat16, torch.float32)
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transposed: bool) -> torch.Tensor:
     """Rows x[offs[g-1]:offs[g]] times slot g's weight. w: [S, out, in] (transposed=False, as nn.Linear stores
     it) or [S, in, out]; offs [S] int32 cumulative row counts. Rows from offs[-1] on are left unwritten."""
-    wt = w if transposed else w.transpose(-2, -1)  # [S, in, out]
+    wt = _in_out(w, transposed)
     if _use_grouped_mm(x, wt):
         return torch._grouped_mm(x, wt, offs=offs)
     out = torch.zeros((x.shape[0], wt.shape[-1]), dtype=x.dtype, device=x.device)
@@ -77,12 +80,14 @@ def run_experts(module, pool: dict[str, torch.Tensor], slot_table: torch.Tensor,
     if active is not None:
         slot = torch.where(active[:, None], slot, S)  # S: a sentinel that sorts last and joins no group
     flat = slot.reshape(-1)  # [P]
-    order = torch.argsort(flat, stable=True)  # pairs grouped by slot; ascending token order inside a slot
     counts = torch.zeros(S + 1, dtype=torch.int32, device=hidden.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = torch.cumsum(counts[:S], 0, dtype=torch.int32)  # [S]
     counters.add_to(("experts_read",) + tally, (counts[:S] > 0).sum())
+    if flat.shape[0] <= gemv.ROWS_MAX and _few_pairs_serve(module, pool, hidden):
+        return _few_pairs(module, pool, hidden, flat, top_k_weights.reshape(-1), K)
 
+    order = torch.argsort(flat, stable=True)  # pairs grouped by slot; ascending token order inside a slot
+    offs = torch.cumsum(counts[:S], 0, dtype=torch.int32)  # [S]
     x = hidden[order // K]  # [P, H]
     sorted_slot = flat[order].clamp(max=S - 1)  # bias rows of the sentinel tail are never used
     if module.has_gate:
@@ -106,6 +111,29 @@ def _linear(module, x, pool, name, offs, sorted_slot):
     out = grouped_linear(x.to(pool[name].dtype), pool[name], offs, module.is_transposed)
     bias = pool.get(name + "_bias")
     return out + bias[sorted_slot] if bias is not None else out
+
+
+def _in_out(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A pool weight as [S, in, out] (a view)."""
+    return w if transposed else w.transpose(-2, -1)
+
+
+def _few_pairs_serve(module, pool, hidden) -> bool:
+    """Whether engines/gemv.py serves this layer: Triton on this device, and no expert bias or post-expert norm
+    (the families that have them take the grouped GEMM)."""
+    return gemv.available(hidden) and not any(n.endswith("_bias") for n in pool) and \
+        not getattr(module, "has_post_expert_norm", False)
+
+
+def _few_pairs(module, pool, hidden, flat, weight, K):
+    """The experts at a few routed pairs (flat [P]: each pair's slot, S for none): the up projection row by row
+    from the routing, the down projection summing each token's K pairs weighted by the router, no sort."""
+    name = "gate_up_proj" if module.has_gate else "up_proj"
+    x = hidden.to(pool[name].dtype)
+    h = gemv.pairs_gemv(x, _in_out(pool[name], module.is_transposed), flat, x_div=K)  # [P, I]
+    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+    return gemv.pairs_gemv(h, _in_out(pool["down_proj"], module.is_transposed), flat, pairs=K, scale=weight,
+                           out_dtype=hidden.dtype)  # [N, H]
 
 
 def distinct_routed(top_k_index: torch.Tensor, active: torch.Tensor | None, num_experts: int) -> torch.Tensor:

@@ -143,3 +143,55 @@ def test_accelerate_offload_agrees_with_resident_on_cuda(model, dtype, capsys):
     assert eq.teacher_forced_top1 >= 0.99
     if dtype == torch.float32:
         assert eq.max_abs_logit_diff < 1e-3
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_few_pair_expert_kernel_matches_float64(transposed):
+    """engines/gemv.py against a float64 product on random shapes (odd sizes too): bf16 rounding only, a pair with
+    the sentinel slot adds nothing, the down form sums each token's pairs weighted."""
+    from engines import gemv
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for S, K, N, P, pairs in [(8, 2048, 17920, 2, 1), (8, 8960, 2048, 2, 2), (5, 200, 70, 4, 2), (32, 4096, 1024, 3, 1),
+                              (3, 64, 8, 1, 1)]:
+        w = torch.randn((S, K, N) if transposed else (S, N, K), dtype=torch.bfloat16, device="cuda", generator=g)
+        wt = w if transposed else w.transpose(-2, -1)
+        slot = torch.randint(0, S, (P,), device="cuda", generator=g)
+        if P > 2:
+            slot[1] = S
+        x = torch.randn((P, K), dtype=torch.bfloat16, device="cuda", generator=g)  # a row per pair
+        scale = torch.rand(P, device="cuda", generator=g) if pairs > 1 else None
+        y = gemv.pairs_gemv(x, wt, slot, pairs=pairs, scale=scale)
+        ref = torch.zeros((P // pairs, N), dtype=torch.float64, device="cuda")
+        for p in range(P):
+            if slot[p] < S:
+                ref[p // pairs] += (1.0 if scale is None else float(scale[p])) * (x[p].double() @ wt[slot[p]].double())
+        assert torch.isfinite(y).all()
+        assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_few_pair_layer_agrees_with_the_grouped_product(monkeypatch):
+    """A Mixtral layer's experts at batch 1 and 2 (top-2: the kernel's pairs) against the grouped GEMM that serves
+    more pairs, in bf16: the same routing, outputs within bf16 rounding, the same experts_read."""
+    from engines import experts
+    g = torch.Generator(device="cuda").manual_seed(1)
+    S, H, I = 8, 1024, 2048
+    module = type("M", (), dict(has_gate=True, is_transposed=False, _apply_gate=staticmethod(
+        lambda h: torch.nn.functional.silu(h[:, :I]) * h[:, I:])))()
+    pool = {"gate_up_proj": torch.randn(S, 2 * I, H, dtype=torch.bfloat16, device="cuda", generator=g) / 32,
+            "down_proj": torch.randn(S, H, I, dtype=torch.bfloat16, device="cuda", generator=g) / 45}
+    table = torch.arange(S, device="cuda")
+    for N in (1, 2):
+        hidden = torch.randn((N, H), dtype=torch.bfloat16, device="cuda", generator=g)
+        index = torch.stack([torch.randperm(S, device="cuda", generator=g)[:2] for _ in range(N)])
+        weights = torch.softmax(torch.randn((N, 2), device="cuda", generator=g), -1)
+        active = torch.ones(N, dtype=torch.bool, device="cuda")
+        outs = []
+        for rows_max in (experts.gemv.ROWS_MAX, 0):  # the kernel, then the grouped GEMM
+            monkeypatch.setattr(experts.gemv, "ROWS_MAX", rows_max)
+            counters = experts.ExpertCounters("cuda")
+            outs.append((experts.run_experts(module, pool, table, hidden, index, weights, active, counters),
+                         counters.read()["experts_read"]))
+            monkeypatch.undo()
+        (a, read_a), (b, read_b) = outs
+        assert read_a == read_b == len(set(index.flatten().tolist()))
+        assert float((a.double() - b.double()).norm() / b.double().norm()) < 1e-2
