@@ -22,16 +22,8 @@ smoke() {
     tail -2 "$out/gpu-smoke.log" | tee -a "$out/job.log"
 }
 
-train() {
-    log "train small"
-    timeout 300 python3 -c "from workloads.train import trained_checkpoint; print(trained_checkpoint('small'))" \
-        2>&1 | tail -2 | tee -a "$out/job.log"
-    cp "$(python3 -c "from workloads.train import cached_checkpoint; print(cached_checkpoint('small'))")/training.json" \
-        "$out/training-small.json"
-}
-
 once smoke smoke
-once train train
+once train-small train_small
 run matrices/h200-runtime.toml h200-runtime
 run matrices/h200-specmoe.toml h200-specmoe --only batch_size=1,16
 run matrices/h200-specmoe.toml h200-specmoe --only batch_size=64

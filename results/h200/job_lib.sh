@@ -30,6 +30,14 @@ once() {  # NAME COMMAND...: a step that runs once per machine (until it succeed
     "${@:2}" && touch "$repo/.cache/done-$1"
 }
 
+train_small() {  # the trained `small` into the cache every run of this machine uses; its training.json to $OUT
+    log "train small"
+    timeout 300 python3 -c "from workloads.train import trained_checkpoint; print(trained_checkpoint('small'))" \
+        2>&1 | tail -2 | tee -a "$out/job.log"
+    cp "$(python3 -c "from workloads.train import cached_checkpoint; print(cached_checkpoint('small'))")/training.json" \
+        "$out/training-small.json"
+}
+
 gpu_tests() {
     [ "$(left)" -gt 90 ] || return 1
     log "tests/gpu"
