@@ -3,7 +3,7 @@
 # back-to-back device calls of one session on one machine; every call runs this plan from the top and goes on where
 # the last one stopped (job_lib.sh). Send the next call at once: a machine idle for about 30 s is given back.
 #   bash results/h200/gemv_job.sh 560 OLD      # SECONDS: this call's share; OLD: the commit before the kernel
-# The plan, most needed first:
+# The plan, most needed first (after the kernel's own GPU tests, which end the call if they fail):
 #   1. the trained `small`, once per machine
 #   2. matrices/h200-runtime.toml's batch-1 cells and resident at 64: this code (run h200-runtime-gemv), then OLD in a
 #      git worktree (run h200-runtime-old), so old and new run on one machine, one checkpoint, minutes apart
@@ -52,6 +52,15 @@ run_old() {  # the batch-1 cells and resident at 64 of matrices/h200-runtime.tom
     tar czf "$out/h200-runtime-old.tgz" --exclude=reference -C results/runs h200-runtime-old
 }
 
+kernel_smoke() {  # the kernel's GPU tests first: if it does not compile or disagrees, the call ends here
+    log "tests/gpu -k few_pair"
+    timeout 120 python3 -m pytest -q -s tests/gpu -k few_pair > "$out/gpu-smoke.log" 2>&1
+    local rc=$?
+    tail -3 "$out/gpu-smoke.log" | tee -a "$out/job.log"
+    return $rc
+}
+
+once kernel-smoke kernel_smoke || { log "the kernel failed its GPU tests: stopping"; exit 1; }
 once train-small train_small
 run matrices/h200-runtime.toml h200-runtime-gemv --only batch_size=1
 run matrices/h200-runtime.toml h200-runtime-gemv --only engine=resident
