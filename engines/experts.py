@@ -132,8 +132,11 @@ def _few_pairs(module, pool, hidden, flat, weight, K):
     x = hidden.to(pool[name].dtype)
     h = gemv.pairs_gemv(x, _in_out(pool[name], module.is_transposed), flat, x_div=K)  # [P, I]
     h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-    return gemv.pairs_gemv(h, _in_out(pool["down_proj"], module.is_transposed), flat, pairs=K, scale=weight,
-                           out_dtype=hidden.dtype)  # [N, H]
+    down = _in_out(pool["down_proj"], module.is_transposed)
+    if gemv.DOWN_MODE == "per_pair":  # a pair that routes nowhere gives a row of zeros
+        y = gemv.pairs_gemv(h, down, flat, block_n=gemv.DOWN_BLOCK_N)  # [P, H]
+        return (y.view(-1, K, y.shape[-1]) * weight.view(-1, K, 1)).sum(dim=1).to(hidden.dtype)
+    return gemv.pairs_gemv(h, down, flat, pairs=K, scale=weight, out_dtype=hidden.dtype)  # [N, H]
 
 
 def distinct_routed(top_k_index: torch.Tensor, active: torch.Tensor | None, num_experts: int) -> torch.Tensor:

@@ -30,6 +30,11 @@ ROWS_MAX = 4
 # The tile (BN output features x BK inputs per step, warps): the fastest of the 9 measured at 1-4 rows
 # (results/h200/gemv/README.md).
 BLOCK_N, BLOCK_K, WARPS = 8, 512, 4
+# How engines/experts.py runs the down projection at few pairs. "summed": each token's K pairs summed in one
+# program (pairs=K); "per_pair": a program per pair with DOWN_BLOCK_N features, then a weighted sum over K in torch.
+# At batch 1 on small's down shape the summed form took 71 us and the per-pair product 36 us (results/h200/gemv/).
+DOWN_MODE = "summed"
+DOWN_BLOCK_N = 4
 
 
 def available(x: torch.Tensor) -> bool:

@@ -43,7 +43,9 @@ pool = {"gate_up_proj": torch.randn(S, 2 * I, H), "down_proj": torch.randn(S, H,
 table = torch.tensor([0, 1, 2, 3, 0, 1])
 hidden, index = torch.randn(2, H), torch.tensor([[5, 2], [4, 1]])
 weights = torch.softmax(torch.randn(2, 2), -1)
-for active in (None, torch.tensor([True, False])):
+for active, mode in [(None, "summed"), (torch.tensor([True, False]), "summed"), (None, "per_pair"),
+                     (torch.tensor([True, False]), "per_pair")]:
+    gemv.DOWN_MODE = mode
     outs = []
     for few in (4, 0):
         experts.gemv.ROWS_MAX = few
