@@ -83,7 +83,7 @@ def run_experts(module, pool: dict[str, torch.Tensor], slot_table: torch.Tensor,
     counts = torch.zeros(S + 1, dtype=torch.int32, device=hidden.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     counters.add_to(("experts_read",) + tally, (counts[:S] > 0).sum())
-    if flat.shape[0] <= gemv.ROWS_MAX and _few_pairs_serve(module, pool, hidden):
+    if flat.shape[0] <= gemv.PAIRS_MAX and _few_pairs_serve(module, pool, hidden):
         return _few_pairs(module, pool, hidden, flat, top_k_weights.reshape(-1), K)
 
     order = torch.argsort(flat, stable=True)  # pairs grouped by slot; ascending token order inside a slot

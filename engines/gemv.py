@@ -9,7 +9,7 @@ scatter back, a dozen small kernels per layer that cost about as much as the pro
 reduces a block of BN output features of one pair's expert weight against its token's row in float32, so a
 projection spreads over N / BN programs per pair whatever its shape; the down projection sums a token's K pairs,
 weighted by the router, in the same program (a fixed order: deterministic). A slot serving several pairs is read
-once per pair, so engines/experts.py takes this path only at a few pairs (ROWS_MAX). CUDA only; without Triton the
+once per pair, so engines/experts.py takes this path only at a few pairs (PAIRS_MAX). CUDA only; without Triton the
 grouped GEMM serves.
 
 Shape keys: P = routed pairs, S = pool slots, K = input features, N = output features.
@@ -26,9 +26,9 @@ except ImportError:  # the CPU build of torch comes without Triton
 
 # At most this many routed pairs take the kernel: a decode step or draft at batch 1 or 2 (top-2). At more pairs,
 # slots that serve several pairs are likely, and the kernel reads them once per pair (results/h200/gemv/README.md).
-ROWS_MAX = 4
-# The tile (BN output features x BK inputs per step, warps): the fastest of the 9 measured at 1-4 rows
-# (results/h200/gemv/README.md).
+PAIRS_MAX = 4
+# The tile (BN output features x BK inputs per step, warps): within 5% of the best of the 7 swept for small's up
+# projection at 1-4 pairs (results/h200/gemv/README.md).
 BLOCK_N, BLOCK_K, WARPS = 8, 512, 4
 # How engines/experts.py runs the down projection at few pairs. "summed": each token's K pairs summed in one
 # program (pairs=K); "per_pair": a program per pair with DOWN_BLOCK_N features, then a weighted sum over K in torch.
@@ -79,7 +79,7 @@ def pairs_gemv(x: torch.Tensor, wt: torch.Tensor, slot: torch.Tensor, x_div: int
     assert P % pairs == 0 and x.shape[-1] == K, (P, pairs, tuple(x.shape), tuple(wt.shape))
     x = x.contiguous()
     y = torch.empty((P // pairs, N), dtype=out_dtype or x.dtype, device=x.device)
-    if P:
+    if P:  # without a scale, slot stands in for its pointer: the kernel never reads it
         _pairs_gemv[(P // pairs, triton.cdiv(N, block_n))](
             x, wt, slot, slot if scale is None else scale, y, wt.shape[0], N, K, x.stride(0), wt.stride(0),
             wt.stride(2), wt.stride(1), y.stride(0), X_DIV=x_div, PAIRS=pairs, SCALED=scale is not None,

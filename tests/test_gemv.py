@@ -36,7 +36,7 @@ for transposed in (False, True):
 
 # the layer through the kernel against the layer through the grouped product: batch 2, top-2, one row padding
 gemv.available = lambda x: True
-S, H, I, E = 4, 48, 40, 6
+S, H, I = 4, 48, 40
 module = types.SimpleNamespace(has_gate=True, is_transposed=False,
                                _apply_gate=lambda h: torch.nn.functional.silu(h[:, :I]) * h[:, I:])
 pool = {"gate_up_proj": torch.randn(S, 2 * I, H), "down_proj": torch.randn(S, H, I)}
@@ -48,10 +48,10 @@ for active, mode in [(None, "summed"), (torch.tensor([True, False]), "summed"), 
     gemv.DOWN_MODE = mode
     outs = []
     for few in (4, 0):
-        experts.gemv.ROWS_MAX = few
+        experts.gemv.PAIRS_MAX = few
         counters = experts.ExpertCounters("cpu")
-        outs.append(experts.run_experts(module, pool, table, hidden, index, weights, active, counters))
-        outs[-1] = (outs[-1], counters.read()["experts_read"])
+        outs.append((experts.run_experts(module, pool, table, hidden, index, weights, active, counters),
+                     counters.read()["experts_read"]))
     (a, read_a), (b, read_b) = outs
     assert read_a == read_b == (3 if active is None else 2), (read_a, read_b)
     assert float((a - b).norm() / b.norm()) < 1e-5

@@ -32,14 +32,6 @@ profile() {  # ENGINE BATCH [HARDWARE]: one decode profile, small's shape with r
     tail -30 "$out/profile-$1-b$2.log" | tee -a "$out/job.log"
 }
 
-train() {  # RECIPE RUN: as paper_job.sh's
-    [ "$(left)" -gt 200 ] || { log "train $1 $2: too little time left"; return 1; }
-    log "train $1 run $2"
-    OUT="$out/train-$1-$2" RUNS=$2 BUDGET=$(( $(left) - 15 )) bash "$repo/results/h200/train_job.sh" "$1" 2>&1 \
-        | tail -6 | tee -a "$out/job.log"
-    awk -F"\t" -v r="$1" -v n="$2" '$1 == r && $2 == n && $3 == 0 {ok = 1} END {exit !ok}' "$out/train-$1-$2/summary.tsv"
-}
-
 run_old() {  # the batch-1 cells and resident at 64 of matrices/h200-runtime.toml, measured by OLD
     [ "$(left)" -gt 60 ] || return 0
     [ -d /tmp/old ] || git -C "$repo" worktree add -f /tmp/old "$old" > /dev/null 2>&1 || return 1

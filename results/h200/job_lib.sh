@@ -38,6 +38,14 @@ train_small() {  # the trained `small` into the cache every run of this machine 
         "$out/training-small.json"
 }
 
+train() {  # RECIPE RUN: one training by train_job.sh, with the time this call has left
+    [ "$(left)" -gt 200 ] || { log "train $1 $2: too little time left"; return 1; }
+    log "train $1 run $2"
+    OUT="$out/train-$1-$2" RUNS=$2 BUDGET=$(( $(left) - 15 )) bash "$repo/results/h200/train_job.sh" "$1" 2>&1 \
+        | tail -6 | tee -a "$out/job.log"
+    awk -F"\t" -v r="$1" -v n="$2" '$1 == r && $2 == n && $3 == 0 {ok = 1} END {exit !ok}' "$out/train-$1-$2/summary.tsv"
+}
+
 gpu_tests() {
     [ "$(left)" -gt 90 ] || return 1
     log "tests/gpu"

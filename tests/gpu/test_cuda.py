@@ -186,8 +186,8 @@ def test_few_pair_layer_agrees_with_the_grouped_product(monkeypatch):
         weights = torch.softmax(torch.randn((N, 2), device="cuda", generator=g), -1)
         active = torch.ones(N, dtype=torch.bool, device="cuda")
         outs = []
-        for rows_max in (experts.gemv.ROWS_MAX, 0):  # the kernel, then the grouped GEMM
-            monkeypatch.setattr(experts.gemv, "ROWS_MAX", rows_max)
+        for pairs_max in (experts.gemv.PAIRS_MAX, 0):  # the kernel, then the grouped GEMM
+            monkeypatch.setattr(experts.gemv, "PAIRS_MAX", pairs_max)
             counters = experts.ExpertCounters("cuda")
             outs.append((experts.run_experts(module, pool, table, hidden, index, weights, active, counters),
                          counters.read()["experts_read"]))
