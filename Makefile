@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # A range that the local torch 2.13 CPU build satisfies; on a GPU machine pip takes a CUDA build.
 TORCH_SPEC ?= torch>=2.4,<2.14
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist); the suite is made for 2 cores: each test process runs one torch thread, trained
+# checkpoints are cached on disk behind a file lock, so the processes share them.
+TEST_WORKERS ?= 2
 
 .PHONY: setup test bench bench-micro clean help
 
@@ -20,7 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)  ## create .venv and install the project with its test tools
 
 test: $(STAMP)  ## run the test suite
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 bench: $(STAMP)  ## run the default matrix (matrices/gpu.toml with CUDA, matrices/cpu.toml otherwise); prints the table and the run directory
 	$(VENV)/bin/specmoe-bench run --default $(BENCH_ARGS)

@@ -3,6 +3,13 @@ and the candidate (this working tree) run one matrix in turns, A B B A A B ..., 
 their timings are compared with each other (each run's best iteration one sample, ratio threshold and Mann-Whitney
 U), never with times taken on another day, and the candidate's counted metrics are compared exactly with a committed
 baseline.
+A timing flagged as a regression is measured again before it fails the job: the cells it was flagged in (with the
+reference engine, for the between-engine ratio) run another `--confirm-rounds` rounds in turns, and it stands only
+when those rounds flag it too. Identical code can separate 5 runs to 5 now and then on a shared machine (a slow
+phase, a different core): the first check of this job once flagged `nospec` batch 1 at +44% TTFT, p 0.0079, between
+two commits whose CPU code was the same. Were the runs exchangeable, one pass would flag a timing of identical code
+with probability at most 0.05 and two passes at most 0.0025; a shared machine's slow stretches are not
+exchangeable, which is why one pass is not enough. Code made 30% slower is flagged in both.
 """
 from __future__ import annotations
 
@@ -48,12 +55,15 @@ def check_inputs(matrix_file: str, base: str, rounds: int, thresholds: tuple[str
     return m, sha, thr
 
 
-def measure(tree: Path, matrix_file: Path, run_id: str, job_dir: Path) -> tuple[bool, float]:
-    """One run of the matrix with the code of `tree` (its harness, engines and workloads imported from there)."""
+def measure(tree: Path, matrix_file: Path, run_id: str, job_dir: Path, only: tuple[str, ...] = ()) \
+        -> tuple[bool, float]:
+    """One run of the matrix with the code of `tree` (its harness, engines and workloads imported from there);
+    `only`: `run --only` arguments that narrow it to some cells."""
     t0 = time.perf_counter()
     with open(job_dir / f"{run_id}.log", "w") as log:
         rc = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(matrix_file), "--run-id", run_id,
-                             "--results-dir", str(job_dir), "--quiet"], cwd=tree, stdout=log, stderr=log).returncode
+                             "--results-dir", str(job_dir), "--quiet", *only], cwd=tree, stdout=log, stderr=log,
+                            stdin=subprocess.DEVNULL).returncode
     # exit 1: a cell failed, and its failure is in its cell file, which `regress` reports; other codes: no run
     return rc in (0, 1) and (job_dir / run_id / "cells").is_dir(), time.perf_counter() - t0
 
@@ -66,8 +76,9 @@ def sides_in_turn(round_no: int, worktree: Path) -> list[tuple[str, Path]]:
 
 
 def run_continuous(matrix_file: str, base: str, rounds: int, thresholds: tuple[str, ...], baseline: str | None,
-                   job_dir: Path, echo=click.echo) -> int:
+                   job_dir: Path, echo=click.echo, confirm_rounds: int | None = None) -> int:
     m, sha, (thr, per_metric) = check_inputs(matrix_file, base, rounds, thresholds, baseline)
+    confirm_rounds = rounds if confirm_rounds is None else confirm_rounds
     matrix_path, job_dir = Path(matrix_file).resolve(), job_dir.resolve()  # the base runs from another directory
     job_dir.mkdir(parents=True, exist_ok=True)
     worktree = Path(tempfile.mkdtemp(prefix="specmoe-base-"))
@@ -76,24 +87,78 @@ def run_continuous(matrix_file: str, base: str, rounds: int, thresholds: tuple[s
         out = git("worktree", "add", "--detach", "--force", str(worktree), sha)
         if out.returncode != 0:
             raise BadInput(f"--base {base!r}: git worktree add failed: {out.stderr.strip()}")
-        runs: dict[str, list[str]] = {"base": [], "candidate": []}
-        for r in range(1, rounds + 1):
-            for side, tree in sides_in_turn(r, worktree):
-                run_id = f"{side}-{r}"
-                ok, wall = measure(tree, matrix_path, run_id, job_dir)
-                echo(f"round {r}/{rounds}: {side} {'measured' if ok else 'FAILED to run'} in {wall:.0f} s "
-                     f"({job_dir / run_id})")
-                if ok:
-                    runs[side].append(str(job_dir / run_id))
+        runs = measure_rounds(rounds, worktree, matrix_path, job_dir, echo)
+        confirm = None
+        suspects = flagged_timings(runs, thr, per_metric)
+        if suspects and confirm_rounds > 0:
+            only = only_args(regress.load_side(runs["candidate"]), {cell for cell, _ in suspects},
+                             {c.engine for c in m.cells})
+            echo(f"{len(suspects)} timing(s) flagged: measuring {' '.join(only)} again, {confirm_rounds} more rounds "
+                 "in turns; a timing fails only if these rounds flag it too")
+            confirm = measure_rounds(confirm_rounds, worktree, matrix_path, job_dir, echo, "confirm ", only)
     finally:
         git("worktree", "remove", "--force", str(worktree))
         shutil.rmtree(worktree, ignore_errors=True)
         git("worktree", "prune")
-    return report(runs, baseline, thr, per_metric, job_dir, sha, echo)
+    return report(runs, baseline, thr, per_metric, job_dir, sha, echo, confirm)
+
+
+def measure_rounds(rounds: int, worktree: Path, matrix_path: Path, job_dir: Path, echo, label: str = "",
+                   only: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """`rounds` runs of each side in turns; the run directories of each side that ran."""
+    runs: dict[str, list[str]] = {"base": [], "candidate": []}
+    for r in range(1, rounds + 1):
+        for side, tree in sides_in_turn(r, worktree):
+            run_id = f"{label.strip()}{'-' if label else ''}{side}-{r}"
+            ok, wall = measure(tree, matrix_path, run_id, job_dir, only)
+            echo(f"{label}round {r}/{rounds}: {side} {'measured' if ok else 'FAILED to run'} in {wall:.0f} s "
+                 f"({job_dir / run_id})")
+            if ok:
+                runs[side].append(str(job_dir / run_id))
+    return runs
+
+
+def compare_timings(runs: dict[str, list[str]], thr: float, per_metric: dict) -> regress.Comparison | None:
+    if not runs["base"] or not runs["candidate"]:
+        return None
+    return regress.compare_runs(regress.load_side(runs["base"]), regress.load_side(runs["candidate"]), thr,
+                                per_metric=per_metric, timings="only")
+
+
+def flagged_timings(runs: dict[str, list[str]], thr: float, per_metric: dict) -> set[tuple[str, str]]:
+    """(cell, metric) of every timing the base/candidate rounds flag as a regression."""
+    comp = compare_timings(runs, thr, per_metric)
+    return {(r.cell, r.metric) for r in comp.rows if r.status == "regression"} if comp else set()
+
+
+def only_args(cand: regress.Side, cells: set[str], engines: set[str]) -> tuple[str, ...]:
+    """`run --only` arguments covering these cells, and the reference engine's cells beside them (the
+    between-engine ratio needs them in the same runs); the product of the axes may hold a few more cells."""
+    configs = [cand.by_key[c][0].config for c in sorted(cells)]
+    axes = {"engine": {c.engine for c in configs} | ({regress.REFERENCE_ENGINE} & engines),
+            "model": {c.model for c in configs}, "batch_size": {str(c.batch_size) for c in configs},
+            "hardware": {c.hardware for c in configs}}
+    return tuple(arg for axis, values in axes.items() for arg in ("--only", f"{axis}={','.join(sorted(values))}"))
+
+
+def confirmed(first: regress.Comparison, again: regress.Comparison, rounds: int) -> None:
+    """A first-pass timing regression stands only where the confirmation rounds flag it too; the others become
+    `not confirmed` (not flagged), with both passes' notes."""
+    seen = {(r.cell, r.metric): r for r in again.rows}
+    for row in first.rows:
+        if row.status != "regression":
+            continue
+        later = seen.get((row.cell, row.metric))
+        if later is not None and later.status == "regression":
+            row.note += f"; confirmed by {rounds} more rounds: {later.note}"
+        else:
+            row.status = "not confirmed"
+            again_says = f"{later.status} ({later.note})" if later is not None else "not measured again"
+            row.note += f"; {rounds} more rounds of this cell: {again_says}: a one-off of this machine, not the code"
 
 
 def report(runs: dict[str, list[str]], baseline: str | None, thr: float, per_metric: dict, job_dir: Path, sha: str,
-           echo) -> int:
+           echo, confirm: dict[str, list[str]] | None = None) -> int:
     """Counts of the candidate against the committed baseline, exactly; timings of the candidate against the base."""
     if not runs["candidate"]:
         raise BadInput(f"the candidate could not run the matrix at all: see {job_dir}/candidate-1.log")
@@ -105,11 +170,20 @@ def report(runs: dict[str, list[str]], baseline: str | None, thr: float, per_met
                         + regress.render_markdown(comp, thr, per_metric))
         rows, failed = rows + comp.rows, failed or comp.failed
     if runs["base"]:
-        comp = regress.compare_runs(regress.load_side(runs["base"]), cand, thr, per_metric=per_metric,
-                                    timings="only")
+        comp = compare_timings(runs, thr, per_metric)
+        again = compare_timings(confirm, thr, per_metric) if confirm is not None else None
+        if again is not None:
+            confirmed(comp, again, len(confirm["candidate"]))
         sections.append(f"## Timings of the candidate against the base {sha[:10]}, measured in turns in this job "
                         f"({len(runs['base'])} vs {len(runs['candidate'])} runs)\n\n"
                         + regress.render_markdown(comp, thr, per_metric))
+        if again is not None:
+            sections.append(f"## The flagged timings measured again ({len(confirm['base'])} vs "
+                            f"{len(confirm['candidate'])} runs of their cells); a timing fails only if both passes "
+                            f"flag it\n\n" + regress.render_markdown(again, thr, per_metric))
+        elif confirm is not None:
+            sections.append("## The flagged timings measured again\n\nthe confirmation rounds did not run "
+                            f"(see {job_dir}/confirm-base-1.log), so the first pass's flags stand\n")
         rows, failed = rows + comp.rows, failed or comp.failed
     else:
         sections.append(f"## Timings not compared\n\nthe base {sha[:10]} could not run the matrix "
@@ -132,6 +206,9 @@ def report(runs: dict[str, list[str]], baseline: str | None, thr: float, per_met
 @click.option("--rounds", type=int, default=5, show_default=True,
               help="Runs of each side, in turns (A B B A ...); each run's best iteration is one sample (at least 4 "
                    "to be tested).")
+@click.option("--confirm-rounds", type=int, default=None, metavar="N",
+              help="Rounds that measure the cells of flagged timings again; a timing fails only if they flag it too "
+                   "(default: as many as --rounds; 0: the first pass decides).")
 @click.option("--threshold", "thresholds", multiple=True, default=["10%"], show_default=True,
               metavar="PCT|METRIC=PCT", help="As for `regress`.")
 @click.option("--baseline", default=None, metavar="RUN_DIR",
@@ -141,13 +218,16 @@ def report(runs: dict[str, list[str]], baseline: str | None, thr: float, per_met
               help="Where the runs and the report go. Default: results/runs/continuous-<base>-<time>.")
 @click.option("--check-only", is_flag=True, help="Check the command line (matrix, base, thresholds, baseline) "
                                                  "and exit.")
-def continuous_command(matrix_file, base, rounds, thresholds, baseline, out_dir, check_only):
+def continuous_command(matrix_file, base, rounds, confirm_rounds, thresholds, baseline, out_dir, check_only):
     try:
+        if confirm_rounds is not None and confirm_rounds < 0:
+            raise BadInput(f"--confirm-rounds {confirm_rounds}: give 0 (no confirmation) or more")
         if check_only:
             check_inputs(matrix_file, base, rounds, thresholds, baseline)
             return
         job = out_dir or REPO_ROOT / "results" / "runs" / time.strftime("continuous-%Y%m%dT%H%M%S")
-        sys.exit(run_continuous(matrix_file, base, rounds, thresholds, baseline, job))
+        sys.exit(run_continuous(matrix_file, base, rounds, thresholds, baseline, job,
+                                confirm_rounds=confirm_rounds))
     except BadInput as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -139,7 +139,8 @@ class Row:
     metric: str
     baseline: float | bool | None
     candidate: float | bool | None
-    status: str  # regression | changed | improvement | ok | not significant | absent | left out | failed | skipped
+    status: str  # regression | changed | improvement | ok | not significant | not confirmed | absent | left out |
+    #              failed | skipped
     p_value: float | None = None
     note: str = ""
     better: str | None = None  # the metric's direction, for github-action-benchmark

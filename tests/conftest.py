@@ -1,4 +1,5 @@
 """Shared by the whole suite: one torch thread in the test process, and the project's trained `tiny` checkpoint."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,11 @@ def pytest_collection_finish(session):
     (it returns at once where it is cached): training takes one core for about 2.7 minutes, the suite runs on the
     other (one torch thread), and the first test that needs it comes minutes in (test_train.py), so an empty
     cache no longer adds the training to the suite's wall time. The fixture below waits for it on the cache's
-    file lock; a training that failed there is tried again by the fixture, which then says why."""
+    file lock; a training that failed there is tried again by the fixture, which then says why. Under pytest-xdist
+    each worker collects: only the first (gw0) starts the trainer, so the other worker keeps its core."""
     global _trainer
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
+        return
     if any("tiny_path" in getattr(item, "fixturenames", ()) for item in session.items):
         _trainer = subprocess.Popen([sys.executable, "-c", TRAIN_TINY], cwd=Path(__file__).resolve().parent.parent,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -109,6 +109,10 @@ def test_a_candidate_30pct_slower_fails_naming_the_cell_and_the_metric(repo):
     assert {m.strip() for _, m in flagged} <= {"tokens_per_s", "decode_tokens_per_s", "ttft_ms", "tpot_ms_p50",
                                                "speedup_over_offload"}, out.stdout
     assert "continuous: REGRESSION" in out.stdout
+    # a flagged timing is measured again (the flagged cell with offload beside it) and stands only if flagged again
+    assert "confirm round 5/5: " in out.stdout, out.stdout
+    assert any("; confirmed by 5 more rounds: " in line for line in out.stdout.splitlines()
+               if "**regression**" in line), out.stdout
     turns = [" ".join(line.split()[:3]) for line in out.stdout.splitlines() if line.startswith("round ")]
     assert turns[:4] == ["round 1/5: base", "round 1/5: candidate", "round 2/5: candidate", "round 2/5: base"]
     report = next(repo.glob("results/runs/ci-*/regress.md")).read_text()
@@ -123,6 +127,7 @@ def test_a_candidate_30pct_slower_fails_naming_the_cell_and_the_metric(repo):
      "error: baseline results/baselines/cpu was recorded from another matrix than ci-test.toml: "),
     (["--matrix", "nope.toml"], "error: "),
     (["--rounds", "0"], "error: "),
+    (["--confirm-rounds", "-1"], "error: --confirm-rounds -1: "),
 ])
 def test_bad_input_is_one_line_exit_2_before_anything_runs(repo, args, message):
     before = set(repo.glob("results/runs/*"))
