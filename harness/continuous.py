@@ -88,19 +88,19 @@ def run_continuous(matrix_file: str, base: str, rounds: int, thresholds: tuple[s
         if out.returncode != 0:
             raise BadInput(f"--base {base!r}: git worktree add failed: {out.stderr.strip()}")
         runs = measure_rounds(rounds, worktree, matrix_path, job_dir, echo)
-        confirm = None
-        suspects = flagged_timings(runs, thr, per_metric)
+        timings, confirm = compare_timings(runs, thr, per_metric), None
+        suspects = {(r.cell, r.metric) for r in timings.rows if r.status == "regression"} if timings else set()
         if suspects and confirm_rounds > 0:
             only = only_args(regress.load_side(runs["candidate"]), {cell for cell, _ in suspects},
                              {c.engine for c in m.cells})
             echo(f"{len(suspects)} timing(s) flagged: measuring {' '.join(only)} again, {confirm_rounds} more rounds "
                  "in turns; a timing fails only if these rounds flag it too")
-            confirm = measure_rounds(confirm_rounds, worktree, matrix_path, job_dir, echo, "confirm ", only)
+            confirm = measure_rounds(confirm_rounds, worktree, matrix_path, job_dir, echo, "confirm", only)
     finally:
         git("worktree", "remove", "--force", str(worktree))
         shutil.rmtree(worktree, ignore_errors=True)
         git("worktree", "prune")
-    return report(runs, baseline, thr, per_metric, job_dir, sha, echo, confirm)
+    return report(runs, timings, baseline, thr, per_metric, job_dir, sha, echo, confirm)
 
 
 def measure_rounds(rounds: int, worktree: Path, matrix_path: Path, job_dir: Path, echo, label: str = "",
@@ -109,9 +109,9 @@ def measure_rounds(rounds: int, worktree: Path, matrix_path: Path, job_dir: Path
     runs: dict[str, list[str]] = {"base": [], "candidate": []}
     for r in range(1, rounds + 1):
         for side, tree in sides_in_turn(r, worktree):
-            run_id = f"{label.strip()}{'-' if label else ''}{side}-{r}"
+            run_id = "-".join([label, side, str(r)] if label else [side, str(r)])
             ok, wall = measure(tree, matrix_path, run_id, job_dir, only)
-            echo(f"{label}round {r}/{rounds}: {side} {'measured' if ok else 'FAILED to run'} in {wall:.0f} s "
+            echo(f"{label + ' ' if label else ''}round {r}/{rounds}: {side} {'measured' if ok else 'FAILED to run'} in {wall:.0f} s "
                  f"({job_dir / run_id})")
             if ok:
                 runs[side].append(str(job_dir / run_id))
@@ -123,12 +123,6 @@ def compare_timings(runs: dict[str, list[str]], thr: float, per_metric: dict) ->
         return None
     return regress.compare_runs(regress.load_side(runs["base"]), regress.load_side(runs["candidate"]), thr,
                                 per_metric=per_metric, timings="only")
-
-
-def flagged_timings(runs: dict[str, list[str]], thr: float, per_metric: dict) -> set[tuple[str, str]]:
-    """(cell, metric) of every timing the base/candidate rounds flag as a regression."""
-    comp = compare_timings(runs, thr, per_metric)
-    return {(r.cell, r.metric) for r in comp.rows if r.status == "regression"} if comp else set()
 
 
 def only_args(cand: regress.Side, cells: set[str], engines: set[str]) -> tuple[str, ...]:
@@ -157,9 +151,10 @@ def confirmed(first: regress.Comparison, again: regress.Comparison, rounds: int)
             row.note += f"; {rounds} more rounds of this cell: {again_says}: a one-off of this machine, not the code"
 
 
-def report(runs: dict[str, list[str]], baseline: str | None, thr: float, per_metric: dict, job_dir: Path, sha: str,
-           echo, confirm: dict[str, list[str]] | None = None) -> int:
-    """Counts of the candidate against the committed baseline, exactly; timings of the candidate against the base."""
+def report(runs: dict[str, list[str]], timings: regress.Comparison | None, baseline: str | None, thr: float,
+           per_metric: dict, job_dir: Path, sha: str, echo, confirm: dict[str, list[str]] | None = None) -> int:
+    """Counts of the candidate against the committed baseline, exactly; timings of the candidate against the base
+    (`timings`, compare_timings of `runs`; None where the base did not run)."""
     if not runs["candidate"]:
         raise BadInput(f"the candidate could not run the matrix at all: see {job_dir}/candidate-1.log")
     cand = regress.load_side(runs["candidate"])
@@ -169,14 +164,13 @@ def report(runs: dict[str, list[str]], baseline: str | None, thr: float, per_met
         sections.append(f"## Counted metrics of the candidate against the committed baseline {baseline}\n\n"
                         + regress.render_markdown(comp, thr, per_metric))
         rows, failed = rows + comp.rows, failed or comp.failed
-    if runs["base"]:
-        comp = compare_timings(runs, thr, per_metric)
+    if timings is not None:
         again = compare_timings(confirm, thr, per_metric) if confirm is not None else None
         if again is not None:
-            confirmed(comp, again, len(confirm["candidate"]))
+            confirmed(timings, again, len(confirm["candidate"]))
         sections.append(f"## Timings of the candidate against the base {sha[:10]}, measured in turns in this job "
                         f"({len(runs['base'])} vs {len(runs['candidate'])} runs)\n\n"
-                        + regress.render_markdown(comp, thr, per_metric))
+                        + regress.render_markdown(timings, thr, per_metric))
         if again is not None:
             sections.append(f"## The flagged timings measured again ({len(confirm['base'])} vs "
                             f"{len(confirm['candidate'])} runs of their cells); a timing fails only if both passes "
@@ -184,7 +178,7 @@ def report(runs: dict[str, list[str]], baseline: str | None, thr: float, per_met
         elif confirm is not None:
             sections.append("## The flagged timings measured again\n\nthe confirmation rounds did not run "
                             f"(see {job_dir}/confirm-base-1.log), so the first pass's flags stand\n")
-        rows, failed = rows + comp.rows, failed or comp.failed
+        rows, failed = rows + timings.rows, failed or timings.failed
     else:
         sections.append(f"## Timings not compared\n\nthe base {sha[:10]} could not run the matrix "
                         f"(see {job_dir}/base-1.log), so there is nothing measured in this job to compare them with\n")
