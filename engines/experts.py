@@ -70,22 +70,44 @@ class ExpertCounters:
 
 def run_experts(module, pool: dict[str, torch.Tensor], slot_table: torch.Tensor, hidden: torch.Tensor,
                 top_k_index: torch.Tensor, top_k_weights: torch.Tensor, active: torch.Tensor | None,
-                counters: ExpertCounters, tally: tuple[str, ...] = ()) -> torch.Tensor:
+                counters: ExpertCounters, tally: tuple[str, ...] = (), stages: "Stages | None" = None) -> torch.Tensor:
     """The experts of one MoE layer. slot_table [E]: the pool slot serving each expert id (for a draft, the slot
     of its nearest resident expert); active [N] or None: tokens that route at all (padding and finished rows
-    do not). The distinct slots read are added to experts_read and to the `tally` counters. Returns [N, H]."""
+    do not). The distinct slots read are added to experts_read and to the `tally` counters. `stages`: for a layer
+    whose copies are still landing (CUDA), the pairs are computed stage by stage, each once its copies have landed,
+    so the compute overlaps the copies still in flight. Returns [N, H]."""
     N, K = top_k_index.shape
     S = next(iter(pool.values())).shape[0]
     slot = slot_table[top_k_index]  # [N, K]
     if active is not None:
         slot = torch.where(active[:, None], slot, S)  # S: a sentinel that sorts last and joins no group
     flat = slot.reshape(-1)  # [P]
-    counts = torch.zeros(S + 1, dtype=torch.int32, device=hidden.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    counts = _slot_counts(flat, S)
     counters.add_to(("experts_read",) + tally, (counts[:S] > 0).sum())
     if flat.shape[0] <= gemv.PAIRS_MAX and _few_pairs_serve(module, pool, hidden):
+        if stages is not None:
+            stages.wait_all()
         return _few_pairs(module, pool, hidden, flat, top_k_weights.reshape(-1), K)
+    if stages is None:
+        h = _pair_outputs(module, pool, hidden, flat, counts, K)
+    else:
+        h = stages.pair_outputs(lambda part: _pair_outputs(module, pool, hidden, part, _slot_counts(part, S), K),
+                                flat, S)
+    weight = top_k_weights.reshape(-1)  # in the router's dtype, as transformers' own experts weigh them
+    h = torch.where((flat < S)[:, None], h * weight[:, None], 0.0)  # rows of the sentinel are unwritten
+    return h.view(N, K, -1).sum(dim=1).to(hidden.dtype)
 
+
+def _slot_counts(flat: torch.Tensor, S: int) -> torch.Tensor:
+    """[S + 1] int32: pairs per slot, the sentinel's last."""
+    counts = torch.zeros(S + 1, dtype=torch.int32, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+
+
+def _pair_outputs(module, pool, hidden, flat, counts, K) -> torch.Tensor:
+    """Each routed pair's expert output before the router's weight, [P, H] in pair order (flat [P]: the pairs'
+    slots; rows of pairs at the sentinel S are left unwritten)."""
+    S = counts.shape[0] - 1
     order = torch.argsort(flat, stable=True)  # pairs grouped by slot; ascending token order inside a slot
     offs = torch.cumsum(counts[:S], 0, dtype=torch.int32)  # [S]
     x = hidden[order // K]  # [P, H]
@@ -98,13 +120,39 @@ def run_experts(module, pool: dict[str, torch.Tensor], slot_table: torch.Tensor,
     h = _linear(module, h, pool, "down_proj", offs, sorted_slot)  # [P, H]
     if getattr(module, "has_post_expert_norm", False):
         h = module.post_expert_norm(h)
-    routed = torch.arange(flat.shape[0], device=hidden.device) < offs[-1]  # the sentinel tail is unwritten
-    weight = top_k_weights.reshape(-1)[order]  # in the router's dtype, as transformers' own experts weigh them
-    h = h * weight[:, None]
-    h = torch.where(routed[:, None], h, 0.0)
     unsorted = torch.empty_like(h)
     unsorted[order] = h  # a permutation: deterministic, unlike index_add_
-    return unsorted.view(N, K, -1).sum(dim=1).to(hidden.dtype)
+    return unsorted
+
+
+class Stages:
+    """The pool slots of one layer in the order their copies land: stage 0 the slots already there, then groups
+    of copies, each with the copy-stream event after which its slots hold their experts. A pair's output does not
+    depend on which other pairs one grouped GEMM computes with it (each row is its own product, the call's shape
+    is the same), so the staged sum equals the one-pass sum bit for bit."""
+
+    def __init__(self, stage_of_slot: torch.Tensor, events: list):
+        self.stage_of_slot = stage_of_slot  # [S + 1] long on the device: each slot's stage, -1 for none
+        self.events = events  # [stage] the event to wait for before computing it (None: already there)
+
+    def wait_all(self) -> None:
+        stream = torch.cuda.current_stream(self.stage_of_slot.device)
+        for event in self.events:
+            if event is not None:
+                stream.wait_event(event)
+
+    def pair_outputs(self, compute, flat: torch.Tensor, S: int) -> torch.Tensor:
+        """compute(flat of one stage's pairs, the others at the sentinel) -> [P, H], stage by stage."""
+        stage = self.stage_of_slot[flat]  # [P]
+        stream = torch.cuda.current_stream(flat.device) if flat.is_cuda else None
+        out = None
+        for j, event in enumerate(self.events):
+            if event is not None:
+                stream.wait_event(event)
+            mine = stage == j
+            part = compute(torch.where(mine, flat, S))
+            out = part if out is None else torch.where(mine[:, None], part, out)
+        return out
 
 
 def _linear(module, x, pool, name, offs, sorted_slot):

@@ -22,7 +22,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from .decoding import (DeviceClock, Generation, Outputs, RowMask, Sampler,  # noqa: F401 - re-exported
                        SamplingSettings, check_prompts, left_pad, right_pad, teacher_forcing_batch)
 from .errors import BadInput
-from .experts import ExpertCounters, distinct_routed, graph_safe, run_experts
+from .experts import ExpertCounters, Stages, distinct_routed, graph_safe, run_experts
 from .graphs import GraphCache
 from .kvcache import MaskShape, StaticKV, attention_masks, check_fits, check_positions
 from .store import ExpertStore, StoreCounters  # noqa: F401 - StoreCounters is part of this module's API
@@ -31,6 +31,10 @@ EXPERTS_IMPLEMENTATION = "specmoe_bench"
 SUPPORTED_FAMILIES = "Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, GPT-OSS (tested; any transformers MoE whose " \
                      "experts module is built with use_experts_implementation)"
 CAPACITY_ROUND = 16  # static caches are sized up to a multiple of this, so nearby shapes share graphs
+# A layer whose copies are still landing computes its experts in at most this many groups of copies, each once it
+# has landed: only the last group's compute waits for the link (more groups: more small kernels per layer); 0
+# computes the layer in one pass once every copy has landed.
+COPY_STAGES = 8
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,14 +225,44 @@ class ModelRuntime:
             if self.routing_log is not None:
                 self.routing_log.append((self.forward_index, layer, experts))
             policy.serve(layer, experts)
-            self.store.sync_layer(layer)
+            stages = self._stages(layer, experts)
             table = self.store.slot_of[layer]
         else:
-            tally = policy.count_sync_free(layer, top_k_index, active, self.counters)
+            tally, stages = policy.count_sync_free(layer, top_k_index, active, self.counters), None
         out = run_experts(module, self.store.pool, table, hidden_states, top_k_index, top_k_weights, active,
-                          self.counters, tally)
+                          self.counters, tally, stages)
         policy.after_layer(layer, experts)
         return out
+
+    def _stages(self, layer: int, experts: list[int]) -> Stages | None:
+        """The layer's routed slots in the order their copies land (engines/experts.py computes each stage once its
+        copies are in, so only the last stage's compute waits for the link): the slots already in the pool first,
+        then the copies in COPY_STAGES groups of consecutive copies. None when nothing routed is still landing."""
+        if COPY_STAGES < 1:  # 0: one pass once every copy has landed (what results/h200/stages_ab.py compares)
+            self.store.sync_layer(layer)
+            return None
+        store = self.store
+        slots = {store.resident[(layer, e)] for e in experts}
+        landing, seen = [], set()  # each routed slot's last copy, in landing order
+        for slot, event in reversed(store.landing(layer, slots)):
+            if slot in slots and slot not in seen:
+                seen.add(slot)
+                landing.insert(0, (slot, event))
+        if not landing:
+            return None
+        stage_of = [-1] * (store.num_slots + 1)  # the sentinel slot is in no stage
+        present = slots - seen
+        for slot in present:
+            stage_of[slot] = 0
+        events = [None] if present else []
+        size = -(-len(landing) // COPY_STAGES)
+        for start in range(0, len(landing), size):
+            group = landing[start:start + size]
+            for slot, _ in group:
+                stage_of[slot] = len(events)
+            events.append(group[-1][1])  # one copy stream: the group's last copy lands after the others
+        table = torch.tensor(stage_of, dtype=torch.long).pin_memory()  # pinned: queued without a host sync
+        return Stages(table.to(self.device, non_blocking=True), events)
 
     # -- forwards --------------------------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ class ExpertStore:
         self.slot_of = torch.full((self.num_layers, self.num_experts), -1, dtype=torch.long, device=self.device)
         self._rows = [[-1] * self.num_experts for _ in range(self.num_layers)]  # slot_of as the host sees it
         self._dirty: set[int] = set()  # layers whose row the device has not been sent yet
-        self._copied: dict[int, torch.cuda.Event] = {}  # layer -> its last queued copy
+        self._landing: dict[int, list[tuple[int, torch.cuda.Event]]] = {}  # layer -> (slot, event) per queued copy
 
     @property
     def total_bytes(self) -> int:
@@ -59,23 +59,24 @@ class ExpertStore:
 
     # -- placing experts -----------------------------------------------------------------------------------------
 
-    def copy_to_device(self, layer: int, expert: int, stream: torch.cuda.Stream | None = None) -> int:
+    def copy_to_device(self, layer: int, expert: int) -> int:
         """Copy one expert host -> device into a free slot, count its bytes, and return the slot. On CUDA the copy
         runs on the copy stream (after everything the compute stream has queued so far, so a freed slot is not
-        overwritten while a queued kernel still reads it); `sync_copies` makes the compute stream wait for it."""
+        overwritten while a queued kernel still reads it) and records an event; `sync_layer` or `landing` makes
+        the compute stream wait for it."""
         slot = self.free.pop()
         if self.copy_stream is None:
             for name, t in self.host[layer].items():
                 self.pool[name][slot].copy_(t[expert])
         else:
-            compute = torch.cuda.current_stream(self.device)
-            copy = stream or self.copy_stream
-            copy.wait_stream(compute)
+            copy = self.copy_stream
+            copy.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(copy):
                 for name, t in self.host[layer].items():
                     self.pool[name][slot].copy_(t[expert], non_blocking=True)
-                self._copied[layer] = torch.cuda.Event()
-                self._copied[layer].record(copy)
+                event = torch.cuda.Event()
+                event.record(copy)
+            self._landing.setdefault(layer, []).append((slot, event))
         self._place(layer, expert, slot)
         self.counters.h2d_bytes += self.expert_bytes
         self.counters.h2d_copies += 1
@@ -110,9 +111,24 @@ class ExpertStore:
     def sync_layer(self, layer: int) -> None:
         """Before a layer's experts run: the compute stream waits for that layer's copies, and the device gets the
         layer's row of slot_of if it changed. Queued in stream order: no host sync."""
-        event = self._copied.pop(layer, None)
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+        landing = self._landing.pop(layer, [])
+        if landing:  # the copies run in order on one stream: the last one's event covers them all
+            torch.cuda.current_stream(self.device).wait_event(landing[-1][1])
+        self.send_row(layer)
+
+    def landing(self, layer: int, slots: set[int]) -> list[tuple[int, torch.cuda.Event]]:
+        """The layer's queued copies, in the order they land, up to the last one into `slots` (the slots a pass
+        reads), as (slot, event); the compute stream is to wait for each event before it reads that slot. Copies
+        queued after it stay pending for the next `sync_layer` or `landing`. Sends the layer's row of slot_of."""
+        queued = self._landing.pop(layer, [])
+        last = max((i for i, (slot, _) in enumerate(queued) if slot in slots), default=-1)
+        if last + 1 < len(queued):
+            self._landing[layer] = queued[last + 1:]
+        self.send_row(layer)
+        return queued[:last + 1]
+
+    def send_row(self, layer: int) -> None:
+        """The device gets the layer's row of slot_of if it changed (in stream order, no host sync)."""
         if layer in self._dirty:
             self._dirty.discard(layer)
             row = torch.tensor(self._rows[layer], dtype=torch.long)

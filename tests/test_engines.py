@@ -141,7 +141,7 @@ def test_caching_never_moves_a_pinned_expert():
     assert len(engine.pinned) == 4  # 25% of 2 layers x 8 experts
     moved = []
     original = store.copy_to_device
-    store.copy_to_device = lambda layer, e, stream=None: moved.append((layer, e)) or original(layer, e, stream)
+    store.copy_to_device = lambda layer, e: moved.append((layer, e)) or original(layer, e)
     stats = engine.generate(prompts, settings).stats
     assert moved and not set(moved) & engine.pinned
     assert stats["hits"] > 0
@@ -286,3 +286,29 @@ def test_budget_as_a_share_of_the_experts():
         with pytest.raises(BadInput, match=r"bad expert share .*percentage in \(0, 100\]"):
             HardwareProfile.parse(bad, check_available=False)
     assert HardwareProfile.parse("cpu").expert_budget(10**9) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_experts_computed_stage_by_stage_equal_one_pass_to_the_bit(dtype):
+    """A layer whose copies are still landing is computed a group of slots at a time (engines/experts.Stages): the
+    same output as computing every pair at once, bit for bit, with padding rows and a slot in no stage unread."""
+    import types
+
+    from engines import experts
+    g = torch.Generator().manual_seed(0)
+    S, H, I, N, K = 6, 32, 24, 7, 2
+    module = types.SimpleNamespace(has_gate=True, is_transposed=False,
+                                   _apply_gate=lambda h: torch.nn.functional.silu(h[:, :I]) * h[:, I:])
+    pool = {"gate_up_proj": torch.randn(S, 2 * I, H, generator=g, dtype=dtype),
+            "down_proj": torch.randn(S, H, I, generator=g, dtype=dtype)}
+    table = torch.tensor([3, 0, 5, 1, 4, 2])
+    hidden = torch.randn(N, H, generator=g, dtype=dtype)
+    index = torch.stack([torch.randperm(6, generator=g)[:K] for _ in range(N)])
+    weights = torch.softmax(torch.randn(N, K, generator=g), -1)
+    active = torch.tensor([True, True, False, True, True, True, True])
+    one_pass = experts.run_experts(module, pool, table, hidden, index, weights, active, experts.ExpertCounters("cpu"))
+    stage_of = torch.tensor([2, 0, 1, 0, 3, 1, -1])  # four stages; the sentinel slot S in none
+    staged = experts.run_experts(module, pool, table, hidden, index, weights, active, experts.ExpertCounters("cpu"),
+                                 stages=experts.Stages(stage_of, [None] * 4))
+    assert torch.equal(staged, one_pass)
+    assert (staged[2] == 0).all() and (staged.abs().sum(-1)[active] > 0).all()

@@ -103,9 +103,9 @@ def test_drafting_moves_nothing_and_verification_fetches_each_missing_expert_onc
     copies = []
     original = store.copy_to_device
 
-    def spy(layer, expert, stream=None):
+    def spy(layer, expert):
         copies.append((policy.mode, engine.runtime.forward_index, layer, expert))
-        return original(layer, expert, stream)
+        return original(layer, expert)
 
     store.copy_to_device = spy
     gen = engine.generate(prompts_of_different_lengths(16, seed=3), SamplingSettings(max_new_tokens=12))
@@ -209,9 +209,9 @@ def prefetch_spy(engine):
     copy, fill, serve = store.copy_to_device, policy.prefetch.fill, policy.serve
     state = {"prefetching": False}
 
-    def spy_copy(layer, expert, stream=None):
+    def spy_copy(layer, expert):
         copies.append((rt.forward_index, layer, expert, state["prefetching"]))
-        return copy(layer, expert, stream)
+        return copy(layer, expert)
 
     def spy_fill(after):
         state["prefetching"] = True

@@ -195,3 +195,39 @@ def test_few_pair_layer_agrees_with_the_grouped_product(monkeypatch):
         (a, read_a), (b, read_b) = outs
         assert read_a == read_b == len(set(index.flatten().tolist()))
         assert float((a.double() - b.double()).norm() / b.double().norm()) < 1e-2
+
+
+def test_experts_staged_behind_their_copies_equal_one_pass_to_the_bit():
+    """A layer whose copies land while it computes (engines/experts.Stages, as the runtime builds it for an
+    offloaded layer): each stage waits for its copy's event on the compute stream; the output equals one pass over
+    the landed pool bit for bit in bf16 through torch._grouped_mm, at 256 tokens top-2."""
+    from engines import experts
+    g = torch.Generator(device="cuda").manual_seed(2)
+    S, H, I, N, K = 8, 1024, 2048, 256, 2
+    module = type("M", (), dict(has_gate=True, is_transposed=False, _apply_gate=staticmethod(
+        lambda h: torch.nn.functional.silu(h[:, :I]) * h[:, I:])))()
+    host = {"gate_up_proj": (torch.randn(S, 2 * I, H, dtype=torch.bfloat16) / 32).pin_memory(),
+            "down_proj": (torch.randn(S, H, I, dtype=torch.bfloat16) / 45).pin_memory()}
+    table = torch.arange(S, device="cuda")
+    hidden = torch.randn((N, H), dtype=torch.bfloat16, device="cuda", generator=g)
+    index = torch.stack([torch.randperm(S, device="cuda", generator=g)[:K] for _ in range(N)])
+    weights = torch.softmax(torch.randn((N, K), device="cuda", generator=g), -1)
+    active = torch.rand(N, device="cuda", generator=g) > 0.1
+    landed = {name: t.cuda() for name, t in host.items()}
+    one_pass = experts.run_experts(module, landed, table, hidden, index, weights, active,
+                                   experts.ExpertCounters("cuda"))
+    pool = {name: torch.zeros_like(t) for name, t in landed.items()}
+    pool["gate_up_proj"][:2].copy_(landed["gate_up_proj"][:2])  # slots 0-1 already there: stage 0
+    pool["down_proj"][:2].copy_(landed["down_proj"][:2])
+    copy, events = torch.cuda.Stream(), [None]
+    copy.wait_stream(torch.cuda.current_stream())
+    for slot in range(2, S):
+        with torch.cuda.stream(copy):
+            for name, t in host.items():
+                pool[name][slot].copy_(t[slot], non_blocking=True)
+            events.append(torch.cuda.Event())
+            events[-1].record(copy)
+    stage_of = torch.tensor([0, 0, 1, 2, 3, 4, 5, 6, -1], device="cuda")
+    staged = experts.run_experts(module, pool, table, hidden, index, weights, active, experts.ExpertCounters("cuda"),
+                                 stages=experts.Stages(stage_of, events))
+    assert torch.equal(staged, one_pass)
