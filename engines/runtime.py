@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from . import gemv
 from .decoding import (DeviceClock, Generation, Outputs, RowMask, Sampler,  # noqa: F401 - re-exported
                        SamplingSettings, check_prompts, left_pad, right_pad, teacher_forcing_batch)
 from .errors import BadInput
@@ -225,7 +226,7 @@ class ModelRuntime:
             if self.routing_log is not None:
                 self.routing_log.append((self.forward_index, layer, experts))
             policy.serve(layer, experts)
-            stages = self._stages(layer, experts)
+            stages = self._stages(layer, experts, top_k_index.numel())
             table = self.store.slot_of[layer]
         else:
             tally, stages = policy.count_sync_free(layer, top_k_index, active, self.counters), None
@@ -234,13 +235,13 @@ class ModelRuntime:
         policy.after_layer(layer, experts)
         return out
 
-    def _stages(self, layer: int, experts: list[int]) -> Stages | None:
+    def _stages(self, layer: int, experts: list[int], pairs: int) -> Stages | None:
         """The layer's routed slots in the order their copies land (engines/experts.py computes each stage once its
         copies are in, so only the last stage's compute waits for the link): the slots already in the pool first,
         then the copies in COPY_STAGES groups of consecutive copies. None when nothing routed is still landing."""
-        if COPY_STAGES < 1:  # 0: one pass once every copy has landed (what results/h200/stages_ab.py compares)
-            self.store.sync_layer(layer)
-            return None
+        if COPY_STAGES < 1 or pairs <= gemv.PAIRS_MAX:  # one pass once every copy has landed. At a few pairs the
+            self.store.sync_layer(layer)  # compute is small and the host is on the critical path: with stages,
+            return None                   # nospec at batch 1 ran 28% slower on the H200 (results/h200/stages/)
         store = self.store
         slots = {store.resident[(layer, e)] for e in experts}
         landing, seen = [], set()  # each routed slot's last copy, in landing order
