@@ -21,6 +21,7 @@ from engines.errors import BadInput, EngineUnavailable
 from engines.stats import GenerationStats
 
 from .env import environment
+from .imports import no_collection, skip_final_collection
 from .results import clean_floats
 from .schema import CellConfig, CellResult, Metrics
 
@@ -413,10 +414,11 @@ def serve(jobs) -> int:
     `{"id", "result"}`; it ends at the end of its input. A process of one cell is a job stream of one line."""
     import gc
 
-    import torch
+    with no_collection():
+        import torch
 
-    import engines.registry  # noqa: F401 - the imports a fresh cell process would pay, paid once here
-    import workloads.models  # noqa: F401
+        import engines.registry  # noqa: F401 - the imports a fresh cell process would pay, paid once here
+        import workloads.models  # noqa: F401
     threads, done = torch.get_num_threads(), 0
     for line in jobs:
         if not line.strip():
@@ -445,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     _channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     with os.fdopen(int(argv[1])) as jobs:
-        return serve(jobs)
+        rc = serve(jobs)
+    skip_final_collection()
+    return rc
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import click
 from engines.errors import BadInput
 
 from . import matrix as matrix_mod
+from .imports import skip_final_collection
 from .results import DEFAULT_RESULTS_DIR, ResultNotSaved, RunDir, check_writable, comparable_key, comparison_table, \
     invalid_notes, new_run_id, render_table, row, sort_cells, warn
 from .schema import CellConfig
@@ -424,6 +425,16 @@ _add_optional_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The program (argv None: the process's own command line, and the process ends after it), or one command
+    run inside another program (a test) with `argv`."""
+    try:
+        _main(argv)
+    finally:
+        if argv is None:
+            skip_final_collection()  # torch, transformers and the engines, imported to check the cells
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         rc = cli.main(args=argv, prog_name="specmoe-bench", standalone_mode=False)
     except BadInput as exc:

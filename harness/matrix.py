@@ -241,6 +241,12 @@ def validate_cells(cells: list[CellConfig], source: str, check_hardware: bool = 
     """Every engine and its options, model (with its layers and dtype), hardware and workload must be valid before
     anything is measured; engine options are replaced by the values their engine's Options class coerced them to,
     so that a cell has one key however its options were spelled. Each distinct value is checked once."""
+    from .imports import no_collection
+    with no_collection():  # its imports: the engines, transformers and each model family's modules
+        _validate(cells, source, check_hardware)
+
+
+def _validate(cells: list[CellConfig], source: str, check_hardware: bool) -> None:
     from engines import registry
     from engines.hardware import HardwareProfile
     from workloads.models import check_model
