@@ -101,10 +101,7 @@ def ci_run(root, *args, timeout=900):
 def test_a_candidate_30pct_slower_fails_naming_the_cell_and_the_metric(repo):
     (repo / "slow_engine.py").write_text(SLOW_ENGINE.format(slowdown=0.3))
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "candidate: 30% slower")
-    # 4 confirmation rounds, the fewest a significance test takes (18 runs, not 20: this is the suite's longest
-    # test); their default, as many as --rounds, is tested in test_continuous.py
-    out = ci_run(repo, "--no-tests", "--matrix", "ci-test.toml", "--baseline", "none", "--rounds", "5",
-                 "--confirm-rounds", "4")
+    out = ci_run(repo, "--no-tests", "--matrix", "ci-test.toml", "--baseline", "none", "--rounds", "5")
     assert out.returncode == 1, out.stdout + out.stderr
     flagged = [line.split("|")[1:3] for line in out.stdout.splitlines() if "**regression**" in line]
     cells = {c.strip() for c, _ in flagged}
@@ -113,8 +110,8 @@ def test_a_candidate_30pct_slower_fails_naming_the_cell_and_the_metric(repo):
                                                "speedup_over_offload"}, out.stdout
     assert "continuous: REGRESSION" in out.stdout
     # a flagged timing is measured again (the flagged cell with offload beside it) and stands only if flagged again
-    assert "confirm round 4/4: " in out.stdout, out.stdout
-    assert any("; confirmed by 4 more rounds: " in line for line in out.stdout.splitlines()
+    assert "confirm round 5/5: " in out.stdout, out.stdout
+    assert any("; confirmed by 5 more rounds: " in line for line in out.stdout.splitlines()
                if "**regression**" in line), out.stdout
     turns = [" ".join(line.split()[:3]) for line in out.stdout.splitlines() if line.startswith("round ")]
     assert turns[:4] == ["round 1/5: base", "round 1/5: candidate", "round 2/5: candidate", "round 2/5: base"]
