@@ -244,15 +244,11 @@ class ModelRuntime:
             return None                   # nospec at batch 1 ran 28% slower on the H200 (results/h200/stages/)
         store = self.store
         slots = {store.resident[(layer, e)] for e in experts}
-        landing, seen = [], set()  # each routed slot's last copy, in landing order
-        for slot, event in reversed(store.landing(layer, slots)):
-            if slot in slots and slot not in seen:
-                seen.add(slot)
-                landing.insert(0, (slot, event))
+        landing = store.landing(layer, slots)
         if not landing:
             return None
         stage_of = [-1] * (store.num_slots + 1)  # the sentinel slot is in no stage
-        present = slots - seen
+        present = slots - {slot for slot, _ in landing}
         for slot in present:
             stage_of[slot] = 0
         events = [None] if present else []

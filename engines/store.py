@@ -117,15 +117,17 @@ class ExpertStore:
         self.send_row(layer)
 
     def landing(self, layer: int, slots: set[int]) -> list[tuple[int, torch.cuda.Event]]:
-        """The layer's queued copies, in the order they land, up to the last one into `slots` (the slots a pass
-        reads), as (slot, event); the compute stream is to wait for each event before it reads that slot. Copies
-        queued after it stay pending for the next `sync_layer` or `landing`. Sends the layer's row of slot_of."""
+        """The last queued copy into each of `slots` (the slots a pass reads) that has not been waited for, as
+        (slot, event) in the order they land; the compute stream is to wait for each event before it reads that
+        slot. Copies queued after the last of them stay pending for the next `sync_layer` or `landing` (the ones
+        before are covered by it: one copy stream). Sends the layer's row of slot_of."""
         queued = self._landing.pop(layer, [])
         last = max((i for i, (slot, _) in enumerate(queued) if slot in slots), default=-1)
         if last + 1 < len(queued):
             self._landing[layer] = queued[last + 1:]
         self.send_row(layer)
-        return queued[:last + 1]
+        latest = {slot: i for i, (slot, _) in enumerate(queued[:last + 1]) if slot in slots}
+        return [queued[i] for i in sorted(latest.values())]
 
     def send_row(self, layer: int) -> None:
         """The device gets the layer's row of slot_of if it changed (in stream order, no host sync)."""

@@ -312,3 +312,15 @@ def test_experts_computed_stage_by_stage_equal_one_pass_to_the_bit(dtype):
                                  stages=experts.Stages(stage_of, [None] * 4))
     assert torch.equal(staged, one_pass)
     assert (staged[2] == 0).all() and (staged.abs().sum(-1)[active] > 0).all()
+
+
+def test_landing_gives_each_read_slot_its_last_copy_in_order_and_keeps_later_copies_pending():
+    """ExpertStore.landing (the runtime's stages are built from it): the copies a pass must wait for are each read
+    slot's last one, in the order they land; a copy queued after the last of them stays pending."""
+    from engines.store import ExpertStore
+    store = ExpertStore([{"w": torch.zeros(4, 2, 2)}], "cpu")
+    store.allocate(4)
+    store._landing[0] = [(1, "a"), (2, "b"), (0, "x"), (1, "c"), (3, "d")]  # events stand in as names
+    assert store.landing(0, {1, 2}) == [(2, "b"), (1, "c")]
+    assert store._landing[0] == [(3, "d")]
+    assert store.landing(0, {0}) == [] and store._landing[0] == [(3, "d")]
