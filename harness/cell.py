@@ -75,13 +75,15 @@ class Cell:
     ref: tuple | None = None  # (tokens, teacher-forced logits) of `resident`
     ref_error: str | None = None
     notes: list[str] = field(default_factory=list)
+    turns: "Turns | None" = None
 
 
 def measure_cell(cell: CellConfig, run_dir: Path | None = None, save_outputs: bool = False,
-                 env: dict | None = None, cells_before: int = 0) -> CellResult:
+                 env: dict | None = None, cells_before: int = 0, turns: "Turns | None" = None) -> CellResult:
     """Measure one cell in this process; never raises (a failure becomes a failed or skipped CellResult).
     `env`: the environment the parent read once for the whole run (reading it takes seconds on a GPU machine).
-    `cells_before`: how many cells this process measured before this one (a shared worker's)."""
+    `cells_before`: how many cells this process measured before this one (a shared worker's). `turns`: measure
+    each iteration only when the parent says so (`Turns`)."""
     t0 = time.perf_counter()
     result = CellResult(config=cell, status="failed", valid=False,
                         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -90,7 +92,7 @@ def measure_cell(cell: CellConfig, run_dir: Path | None = None, save_outputs: bo
     try:
         result.environment = dict(env) if env else environment()
         result.phase_s["environment"] = round(time.perf_counter() - t0, 3)
-        _measure(Cell(cell, result, Clock(result)), run_dir, save_outputs)
+        _measure(Cell(cell, result, Clock(result), turns=turns), run_dir, save_outputs)
     except (EngineUnavailable, BadInput) as exc:
         # this engine cannot run here (accelerate without CUDA), or not in a combination that the checks before
         # the run cannot see (resident under an expert budget)
@@ -253,7 +255,10 @@ def _measure_iterations(c: Cell) -> tuple[list, dict]:
     with _nvml_tracker(c) as tracker, GcTimer() as gc_timer:
         with tracker.track() if tracker is not None else contextlib.nullcontext():
             t_begin = time.perf_counter()
-            while len(gens) < cell.min_iterations or time.perf_counter() - t_begin < cell.min_duration_s:
+            while len(gens) < cell.min_iterations or \
+                    time.perf_counter() - t_begin - (c.turns.waited_s if c.turns else 0.0) < cell.min_duration_s:
+                if c.turns is not None:
+                    c.turns.wait(len(gens) + 1)
                 gc_before = gc_timer.total_ms
                 gens.append(c.engine.generate(c.prompts, c.settings))
                 gens[-1].stats = GenerationStats.of(gens[-1].stats)
@@ -267,6 +272,10 @@ def _measure_iterations(c: Cell) -> tuple[list, dict]:
 def _nvml_tracker(c: Cell):
     """An NVML tracker on CUDA (harness.nvml), closed when the cell's measurement ends; None elsewhere."""
     if not c.hw.is_cuda:
+        yield None
+        return
+    if c.turns is not None:  # the device's counters would count the other process's iterations too
+        c.notes.append("nvml not recorded: measured in turns with another process on the same device")
         yield None
         return
     try:
@@ -409,9 +418,28 @@ def _peak_rss_bytes(process: dict) -> int | None:
 # ================================================================================================================
 
 
+class Turns:
+    """A cell measured in turns with another cell process (`specmoe-bench continuous`: the base commit's and the
+    candidate's): before each measured iteration the process says so (a `turn` message) and waits for the parent's
+    "go" line on its jobs pipe; the parent lets one side's iteration run while the other side's process waits."""
+
+    def __init__(self, jobs):
+        self.jobs, self.waited_s = jobs, 0.0
+
+    def wait(self, iteration: int) -> None:
+        t0 = time.perf_counter()
+        report(turn=iteration)
+        line = self.jobs.readline()
+        if line.strip() != "go":
+            raise RuntimeError(f"waiting for its turn at iteration {iteration}, the cell got {line.strip()!r} "
+                               "from its parent instead of 'go'")
+        self.waited_s += time.perf_counter() - t0
+
+
 def serve(jobs) -> int:
-    """For each job line `{"id", "config", "run_dir", "save_outputs", "environment"}` measure the cell and answer
-    `{"id", "result"}`; it ends at the end of its input. A process of one cell is a job stream of one line."""
+    """For each job line `{"id", "config", "run_dir", "save_outputs", "environment"[, "turns"]}` measure the cell
+    and answer `{"id", "result"}`; it ends at the end of its input. A process of one cell is a job stream of one
+    line. `turns`: true to measure its iterations in turns (`Turns`, the "go" lines come on the same pipe)."""
     import gc
 
     with no_collection():
@@ -427,7 +455,8 @@ def serve(jobs) -> int:
         torch.set_num_threads(threads)  # an earlier cell's cpu_threads does not carry over
         run_dir = Path(job["run_dir"]) if job.get("run_dir") else None
         result = measure_cell(CellConfig(**job["config"]), run_dir, bool(job.get("save_outputs")),
-                              job.get("environment"), cells_before=done)
+                              job.get("environment"), cells_before=done,
+                              turns=Turns(jobs) if job.get("turns") else None)
         report(id=job["id"], result=clean_floats(result.to_dict()))
         done += 1
         gc.collect()

@@ -34,10 +34,11 @@ CELL_COMMAND = [sys.executable, "-m", "harness.cell"]
 RETRY_DELAY_S = 1.0  # before the one retry of a result file that could not be written
 
 
-def _child_env() -> dict:
+def _child_env(tree: Path = REPO_ROOT) -> dict:
+    """The environment of a child that imports harness, engines and workloads from `tree` (this one by default)."""
     env = dict(os.environ)
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + rest)
+    env["PYTHONPATH"] = os.pathsep.join([str(tree)] + rest)
     return env
 
 
@@ -98,9 +99,11 @@ def _tail(path: Path, n: int = 40) -> str | None:
 class CellProcess:
     """One cell process (harness.cell), fed one job line per cell on a pipe of its own. Its stdout carries the
     messages (progress, then each cell's result); its stderr goes to the current cell's log; its stdin is
-    /dev/null. `key`: the cells that may share it (`worker_key`), None for a process of one cell."""
+    /dev/null. `key`: the cells that may share it (`worker_key`), None for a process of one cell. `tree`: the source
+    tree whose harness.cell it runs, from that directory (`continuous` runs the base commit's, in a worktree); by
+    default this tree's, from the current directory (a model given as a relative path is found from there)."""
 
-    def __init__(self, key: tuple | None = None):
+    def __init__(self, key: tuple | None = None, tree: Path | None = None):
         self.key = key
         self.log = None
         self.on_progress = None
@@ -109,8 +112,9 @@ class CellProcess:
         read_end, write_end = os.pipe()
         try:
             self.proc = subprocess.Popen(CELL_COMMAND + ["--jobs-fd", str(read_end)], stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
-                                         pass_fds=(read_end,), start_new_session=True, preexec_fn=_die_with_parent)
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env=_child_env(tree or REPO_ROOT), cwd=tree, pass_fds=(read_end,),
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         except BaseException:
             os.close(write_end)
             raise
@@ -209,31 +213,38 @@ def worker_key(cell: CellConfig) -> tuple | None:
 
 
 def run_cell(cell: CellConfig, run: RunDir, save_outputs: bool = False, on_progress=None,
-             environment_info: dict | None = None, process: CellProcess | None = None) -> CellResult:
+             environment_info: dict | None = None, process: CellProcess | None = None,
+             config: dict | None = None, turns: bool = False, timeout_s: float | None = None) -> CellResult:
     """Run one cell in a cell process (a new one, or the shared `process`) and write its result file before
-    returning it. `environment_info`: the run's environment, read once by the caller, else the cell reads its own."""
+    returning it. `environment_info`: the run's environment, read once by the caller, else the cell reads its own.
+    `config`: the cell as the process's own tree expanded it, where that is another tree (its fields may differ).
+    `turns`: its iterations wait for the parent's "go" (harness.cell.Turns; `on_progress` gets the `turn` messages).
+    `timeout_s`: instead of the cell's own."""
     log_path = run.logs_dir / f"{cell_filename(cell)[:-5]}.log"
-    job = {"id": cell.key(), "config": asdict(cell), "run_dir": str(run.path.resolve()),
+    job = {"id": cell.key(), "config": config or asdict(cell), "run_dir": str(run.path.resolve()),
            "save_outputs": save_outputs, "environment": environment_info}
+    if turns:
+        job["turns"] = True
     t0 = time.perf_counter()
     own = process is None
     with open(log_path, "w") as log:
         process = process or CellProcess()
         try:
-            status, data = process.measure(job, log, cell.timeout_s, on_progress)
+            status, data = process.measure(job, log, timeout_s or cell.timeout_s, on_progress)
         finally:
             if own:
                 process.stop()
-    result = _outcome(cell, status, data, process.proc.returncode, time.perf_counter() - t0, log_path)
+    result = _outcome(cell, status, data, process.proc.returncode, time.perf_counter() - t0, log_path,
+                      timeout_s or cell.timeout_s)
     save_result(run, result)
     return result
 
 
 def _outcome(cell: CellConfig, status: str, data: dict | None, returncode: int | None, wall: float,
-             log_path: Path) -> CellResult:
+             log_path: Path, timeout_s: float) -> CellResult:
     """The cell's result: what the cell process sent, or a failure saying why there is none."""
     if status == "timeout":
-        return _failure(cell, f"timed out after {cell.timeout_s:g} s (timeout_s); the cell process was killed",
+        return _failure(cell, f"timed out after {timeout_s:g} s (timeout_s); the cell process was killed",
                         _tail(log_path), wall)
     if data is not None:
         try:

@@ -1,7 +1,7 @@
 """`specmoe-bench continuous`'s confirmation pass, with the runs it measures faked: a timing that one pass of
 identical code flags is measured again and, not flagged again, does not fail the job; one that is flagged again
 does, naming its cell. (tests/test_ci.py runs the whole of .ci/run with real runs.)"""
-from pathlib import Path
+from dataclasses import asdict
 
 from harness import continuous
 from test_regress import make_cell, write_run
@@ -9,26 +9,37 @@ from test_regress import make_cell, write_run
 ENGINES = ("offload", "nospec")
 
 
-def fake_measure(slow_in: set[str]):
-    """`continuous.measure` that writes a run of offload and nospec at batch 1 and 4; nospec at batch 1 is 30%
-    slower in the candidate's runs whose id starts with one of `slow_in` ("" for the first pass, "confirm-" for
-    the confirmation rounds). Records every call's `run --only` arguments."""
+def fake_sides(monkeypatch, slow_in: set[str]):
+    """`continuous.open_tree` and `Workers.measure` faked: each side has offload and nospec at batch 1 and 4, and
+    each measured cell is written at once; nospec at batch 1 is 30% slower in the candidate's runs whose id starts
+    with one of `slow_in` ("" for the first pass, "confirm-" for the confirmation rounds). Records every measured
+    (run id, cell key)."""
     calls = []
+    configs = [make_cell(e, b).config for e in ENGINES for b in (1, 4)]
 
-    def measure(tree: Path, matrix_file: Path, run_id: str, job_dir: Path, only=()):
-        calls.append((run_id, only))
-        rnd = int(run_id.rsplit("-", 1)[1]) + (100 if run_id.startswith("confirm") else 0)
-        slow = run_id.split("candidate")[0] in slow_in and "candidate" in run_id
-        cells = [make_cell(e, b, 100.0 * b * (0.7 if (slow and e == "nospec" and b == 1) else 1.0), seed=rnd)
-                 for e in ENGINES for b in (1, 4)]
-        write_run(job_dir, run_id, cells)
-        return True, 0.0
-    return measure, calls
+    def open_tree(name, path, matrix_path, job_dir):
+        return continuous.Tree(name, path, {"environment": {}}, {c.key(): (c, asdict(c)) for c in configs})
+
+    def measure(self, sides, key, runs):
+        out = {}
+        for tree in sides:
+            run = runs[tree.name]
+            calls.append((run.id, key))
+            rnd = int(run.id.rsplit("-", 1)[1]) + (100 if run.id.startswith("confirm") else 0)
+            slow = run.id.split("candidate")[0] in slow_in and "candidate" in run.id
+            c = tree.cells[key][0]
+            out[tree.name] = make_cell(c.engine, c.batch_size, 100.0 * c.batch_size * (
+                0.7 if (slow and c.engine == "nospec" and c.batch_size == 1) else 1.0), seed=rnd)
+            run.write_cell(out[tree.name])
+        return out
+
+    monkeypatch.setattr(continuous, "open_tree", open_tree)
+    monkeypatch.setattr(continuous.Workers, "measure", measure)
+    return calls
 
 
 def run(tmp_path, monkeypatch, slow_in, **kw):
-    measure, calls = fake_measure(slow_in)
-    monkeypatch.setattr(continuous, "measure", measure)
+    calls = fake_sides(monkeypatch, slow_in)
     lines = []
     rc = continuous.run_continuous("matrices/ci.toml", "HEAD", 5, ("15%",), None, tmp_path / "job",
                                    echo=lambda text="", nl=True: lines.append(str(text)), **kw)
@@ -41,11 +52,17 @@ def test_a_one_off_flag_is_measured_again_and_not_confirmed(tmp_path, monkeypatc
     assert "continuous: no regression" in out
     assert "**regression**" not in out
     assert "| not confirmed |" in out
-    confirm = [only for run_id, only in calls if run_id.startswith("confirm")]
-    assert len(confirm) == 10  # 5 rounds a side
-    # only the flagged cell's axes, and offload beside it for the between-engine ratio
-    assert confirm[0] == ("--only", "engine=nospec,offload", "--only", "model=tiny-mixtral-random",
-                          "--only", "batch_size=1", "--only", "hardware=cpu")
+    confirm = [key for run_id, key in calls if run_id.startswith("confirm")]
+    assert len(confirm) == 20  # 5 rounds a side of 2 cells
+    # only the flagged cell, and offload beside it for the between-engine ratio
+    assert set(confirm) == {f"{e}-tiny-mixtral-random-float32-b1-cpu-synthetic-ids-p32-n32-s0" for e in ENGINES}
+    assert ("measuring --only engine=nospec,offload --only model=tiny-mixtral-random --only batch_size=1 "
+            "--only hardware=cpu (2 cells) again, 5 more rounds in turns") in out
+    # cell by cell, each cell of one side right after the same cell of the other, the order alternating by round
+    first = [(run_id, key) for run_id, key in calls if not run_id.startswith("confirm")]
+    assert [r for r, _ in first[:4]] == ["base-1", "candidate-1"] * 2
+    assert first[0][1] == first[1][1] != first[2][1] == first[3][1]
+    assert [r for r, _ in first[8:10]] == ["candidate-2", "base-2"]
 
 
 def test_a_flag_seen_again_fails_naming_the_cell(tmp_path, monkeypatch):
