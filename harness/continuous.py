@@ -292,10 +292,11 @@ def run_continuous(matrix_file: str, base: str, rounds: int, thresholds: tuple[s
         timings, confirm = compare_timings(runs, thr, per_metric), None
         suspects = {(r.cell, r.metric) for r in timings.rows if r.status == "regression"} if timings else set()
         if suspects and confirm_rounds > 0:
-            only = only_args(regress.load_side(runs["candidate"]), {cell for cell, _ in suspects},
-                             {c.engine for c in m.cells})
-            again = [c.key() for c in matrix_only([cand.cells[k][0] for k in keys], only[1::2])]
-            echo(f"{len(suspects)} timing(s) flagged: measuring {' '.join(only)} ({len(again)} cells) again, "
+            only = only_specs(regress.load_side(runs["candidate"]), {cell for cell, _ in suspects},
+                              {c.engine for c in m.cells})
+            again = [c.key() for c in matrix_only([cand.cells[k][0] for k in keys], only)]
+            echo(f"{len(suspects)} timing(s) flagged: measuring {' '.join('--only ' + o for o in only)} "
+                 f"({len(again)} cells) again, "
                  f"{confirm_rounds} more rounds in turns; a timing fails only if these rounds flag it too")
             confirm = measure_rounds(confirm_rounds, [base_tree, cand], again, job_dir, echo, "confirm")
     finally:
@@ -312,14 +313,14 @@ def compare_timings(runs: dict[str, list[str]], thr: float, per_metric: dict) ->
                                 per_metric=per_metric, timings="only")
 
 
-def only_args(cand: regress.Side, cells: set[str], engines: set[str]) -> tuple[str, ...]:
-    """`run --only` arguments covering these cells, and the reference engine's cells beside them (the
+def only_specs(cand: regress.Side, cells: set[str], engines: set[str]) -> list[str]:
+    """`run --only` specs (AXIS=V1,V2) covering these cells, and the reference engine's cells beside them (the
     between-engine ratio needs them in the same runs); the product of the axes may hold a few more cells."""
     configs = [cand.by_key[c][0].config for c in sorted(cells)]
     axes = {"engine": {c.engine for c in configs} | ({regress.REFERENCE_ENGINE} & engines),
             "model": {c.model for c in configs}, "batch_size": {str(c.batch_size) for c in configs},
             "hardware": {c.hardware for c in configs}}
-    return tuple(arg for axis, values in axes.items() for arg in ("--only", f"{axis}={','.join(sorted(values))}"))
+    return [f"{axis}={','.join(sorted(values))}" for axis, values in axes.items()]
 
 
 def confirmed(first: regress.Comparison, again: regress.Comparison, rounds: int) -> None:
