@@ -115,7 +115,8 @@ def test_a_candidate_30pct_slower_fails_naming_the_cell_and_the_metric(repo):
                if "**regression**" in line), out.stdout
     # cell by cell: each cell of one side right after the same cell of the other, the order alternating by round
     turns = [line.split(", in ")[0] for line in out.stdout.splitlines() if line.startswith("round ")]
-    assert turns[:2] == ["round 1/5: 2 cells, each base then candidate", "round 2/5: 2 cells, each candidate then base"]
+    assert turns[:2] == ["round 1/5: 2 cells, iterations in turns, base first, then candidate",
+                         "round 2/5: 2 cells, iterations in turns, candidate first, then base"]
     report = next(repo.glob("results/runs/ci-*/regress.md")).read_text()
     assert "measured in turns in this job (5 vs 5 runs)" in report
     assert not list(Path("/tmp").glob("specmoe-base-*/slow_engine.py"))  # the base worktree is gone
