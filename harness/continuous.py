@@ -1,20 +1,19 @@
 """`specmoe-bench continuous`: asv's `continuous` for this harness. The base commit (checked out in a git worktree)
-and the candidate (this working tree) run one matrix on the same machine in the same job, cell by cell in turns:
-each side keeps its own cell processes (its own code, imported from its own tree) and each cell of one side is
-measured right after the same cell of the other, while the other side's process waits, the order of the sides
-flipping from round to round (A B, B A, ...). Two measurements of one cell are seconds apart, never at the same
-time, and no process start-up falls between them: a shared machine's slow stretches, which last seconds, fall on
-both sides alike. (Whole runs in turns, 20 s apart, were not enough: on 2 shared cores an identical cell measured
-0.85x in one side's runs, and a candidate made 30% slower was missed in `make test`.) Their timings are compared
-with each other (each run's best iteration one sample, ratio threshold and Mann-Whitney U), never with times taken
-on another day, and the candidate's counted metrics are compared exactly with a committed baseline.
+and the candidate (this working tree) run one matrix on the same machine in the same job. Each side keeps its own
+cell processes for the whole job (its own code, imported from its own tree), both pinned to the same CPUs, and each
+cell runs on both sides at once with its measured iterations in turns (`Turnstile`): base, candidate, base, ...,
+one side's iteration running only while the other side's process waits, the side that goes first flipping from
+round to round. Two iterations compared are a fraction of a second apart, so a shared machine's slow stretches,
+which last seconds, fall on both of them. (Whole runs in turns, 20 s apart, were not enough: on 2 shared cores an
+identical cell measured 0.85x in one side's runs, and a candidate made 30% slower was missed in `make test`.)
+Timings are compared pair by pair (`regress.compare_paired`: the median candidate/base ratio of the iteration
+pairs past the threshold, and the Wilcoxon signed-rank test), never with times taken on another day; the
+candidate's counted metrics are compared exactly with a committed baseline.
 A timing flagged as a regression is measured again before it fails the job: the cells it was flagged in (with the
-reference engine, for the between-engine ratio) run another `--confirm-rounds` rounds in turns, and it stands only
-when those rounds flag it too. Identical code can separate 5 runs to 5 now and then on a shared machine (a slow
-phase, a different core): the first check of this job once flagged `nospec` batch 1 at +44% TTFT, p 0.0079, between
-two commits whose CPU code was the same. Were the runs exchangeable, one pass would flag a timing of identical code
-with probability at most 0.05 and two passes at most 0.0025; a shared machine's slow stretches are not
-exchangeable, which is why one pass is not enough. Code made 30% slower is flagged in both.
+reference engine, for the between-engine ratio) run another `--confirm-rounds` rounds, and it stands only when
+those rounds flag it too. A pass can flag identical code now and then on a shared machine (before the pairing, the
+first check of this job once flagged `nospec` batch 1 at +44% TTFT, p 0.0079, between two commits whose CPU code
+was the same); code made 30% slower is flagged in both (tests/test_ci.py).
 """
 from __future__ import annotations
 
@@ -310,7 +309,7 @@ def compare_timings(runs: dict[str, list[str]], thr: float, per_metric: dict) ->
     if not runs["base"] or not runs["candidate"]:
         return None
     return regress.compare_runs(regress.load_side(runs["base"]), regress.load_side(runs["candidate"]), thr,
-                                per_metric=per_metric, timings="only")
+                                per_metric=per_metric, timings="only", paired=True)
 
 
 def only_specs(cand: regress.Side, cells: set[str], engines: set[str]) -> list[str]:
@@ -375,15 +374,16 @@ def report(runs: dict[str, list[str]], timings: regress.Comparison | None, basel
     return 1 if failed else 0
 
 
-@click.command("continuous", help="Measure the base commit and this working tree on MATRIX in turns (A B A B), "
+@click.command("continuous", help="Measure the base commit and this working tree on MATRIX, iteration by iteration "
+                                  "in turns, "
                                   "compare their timings with each other and the candidate's counted metrics with "
                                   "a baseline run; exit 1 on a regression, 2 on bad input.")
 @click.argument("matrix_file", metavar="MATRIX.toml")
 @click.option("--base", default="HEAD^", show_default=True, metavar="REF",
               help="The commit to compare with (checked out in a temporary git worktree).")
 @click.option("--rounds", type=int, default=5, show_default=True,
-              help="Runs of each side, in turns (A B B A ...); each run's best iteration is one sample (at least 4 "
-                   "to be tested).")
+              help="Runs of each side; in each round a cell's iterations alternate between the sides, and each "
+                   "pair of iterations is one sample (at least 6 pairs to be tested).")
 @click.option("--confirm-rounds", type=int, default=None, metavar="N",
               help="Rounds that measure the cells of flagged timings again; a timing fails only if they flag it too "
                    "(default: as many as --rounds; 0: the first pass decides).")

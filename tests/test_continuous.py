@@ -78,3 +78,42 @@ def test_nothing_flagged_measures_nothing_again_and_zero_rounds_lets_the_first_p
     assert rc == 0 and not any(run_id.startswith("confirm") for run_id, _ in calls), out
     rc, out, calls = run(tmp_path / "b", monkeypatch, {""}, confirm_rounds=0)
     assert rc == 1 and not any(run_id.startswith("confirm") for run_id, _ in calls), out
+
+
+def turnstile_log(names, iterations, leave_early=None):
+    """Each side a thread that takes `iterations` turns; while in its turn it writes (name, "in") and (name, "out")
+    with a pause between, so another side running beside it would interleave the entries. `leave_early`: a side that
+    leaves after one turn (a base whose cell failed)."""
+    import threading
+    import time
+
+    gate, log = continuous.Turnstile(list(names)), []
+
+    def side(name):
+        for i in range(iterations):
+            if name == leave_early and i == 1:
+                break
+            gate.wait(name)
+            log.append((name, "in"))
+            time.sleep(0.005)
+            log.append((name, "out"))
+        gate.leave(name)
+
+    threads = [threading.Thread(target=side, args=(n,)) for n in names]
+    for t in reversed(threads):  # the last side asks first: the order of the turns must not depend on who asks first
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not any(t.is_alive() for t in threads), "a side never got its turn"
+    return log
+
+
+def test_turnstile_alternates_strictly_and_never_runs_two_sides_at_once():
+    log = turnstile_log(["base", "candidate"], 6)
+    assert log == [(n, s) for n in ["base", "candidate"] * 6 for s in ("in", "out")]
+
+
+def test_turnstile_lets_the_other_side_run_alone_once_one_has_left():
+    log = turnstile_log(["base", "candidate"], 4, leave_early="base")
+    assert [n for n, s in log if s == "in"] == ["base"] + ["candidate"] * 4
+    assert all(log[i][0] == log[i + 1][0] for i in range(0, len(log), 2))  # each turn's in and out together

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from harness import regress
 from harness.regress import compare_runs, load_run, regress_command
 from harness.schema import CellConfig, CellResult, Metrics
 
@@ -394,3 +395,48 @@ def test_baseline_from_another_matrix_is_bad_input(tmp_path):
     line = one_error_line(run_cli("--baseline", other, "--candidate", root / "results" / "baselines" / "cpu",
                                   "--matrix", root / "matrices" / "ci.toml"))
     assert line.startswith(f"error: baseline {other} was recorded from another matrix than ") and "ci.toml" in line
+
+
+def paired_sides(slowdown: float, rounds=5, n=6, seed=0):
+    """Base and candidate measured in turns: each iteration pair shares a machine speed that swings 0.5-1.5x from
+    round to round (a busy machine's slow stretches) and 0.9-1.1x from pair to pair, more than the slowdown; the
+    candidate's offload is `slowdown` slower. nospec is the same code on both sides."""
+    rng = random.Random(seed)
+    base, cand = [], []
+    for r in range(rounds):
+        cells = {"base": [], "candidate": []}
+        machine = rng.uniform(0.5, 1.5)
+        for engine, tps in (("offload", 100.0), ("nospec", 150.0)):
+            speeds = [machine * rng.uniform(0.9, 1.1) for _ in range(n)]
+            for side, slow in (("base", 0.0), ("candidate", slowdown if engine == "offload" else 0.0)):
+                c = make_cell(engine, 1, tps, n=n, seed=r)
+                c.samples["tokens_per_s"] = [tps * s * (1 - slow) * (1 + rng.uniform(-0.02, 0.02)) for s in speeds]
+                cells[side].append(c)
+        base.append(cells["base"])
+        cand.append(cells["candidate"])
+    return regress.Side(base), regress.Side(cand)
+
+
+def test_paired_timings_see_a_30pct_slowdown_through_noise_that_hides_it_from_runs_compared_as_wholes():
+    base, cand = paired_sides(0.3)
+    rows = {(r.cell.split("-")[0], r.metric): r for r in regress.compare_runs(
+        base, cand, 0.15, metrics=["tokens_per_s", "speedup_over_offload"], timings="only", paired=True).rows}
+    slow = rows[("offload", "tokens_per_s")]
+    assert slow.status == "regression" and slow.p_value < 0.001
+    assert 0.68 < float(slow.note.split("candidate/base ")[1].split(";")[0]) < 0.72  # the 30%, paired
+    assert rows[("nospec", "tokens_per_s")].status == "ok"
+    assert rows[("nospec", "speedup_over_offload")].status == "improvement"  # over a slower offload
+    unpaired = {r.cell.split("-")[0]: r for r in regress.compare_runs(
+        base, cand, 0.15, metrics=["tokens_per_s"], timings="only").rows}
+    assert unpaired["offload"].status != "regression"  # the noise the pairing cancels
+
+
+def test_paired_identical_code_is_not_flagged_and_too_few_pairs_are_not_tested():
+    for seed in range(5):
+        base, cand = paired_sides(0.0, seed=seed)
+        comp = regress.compare_runs(base, cand, 0.15, metrics=["tokens_per_s", "speedup_over_offload"],
+                                    timings="only", paired=True)
+        assert {r.status for r in comp.rows} == {"ok"}, [r.note for r in comp.rows]
+    base, cand = paired_sides(0.3, rounds=1, n=5)
+    row = regress.compare_runs(base, cand, 0.15, metrics=["tokens_per_s"], timings="only", paired=True).rows[0]
+    assert row.status == "not significant" and "5 iteration pairs, need 6" in row.note
