@@ -61,6 +61,12 @@ class ExpertCounters:
             index = self._index[key] = torch.tensor(key, dtype=torch.long, device=self.values.device)
         self.values.index_add_(0, index, value.reshape(1).expand(len(key)))
 
+    def add_vector(self, names: tuple[str, ...], values: torch.Tensor) -> None:
+        """Add values [n] to n tallies that follow each other in NAMES, in one kernel."""
+        i = self.NAMES.index(names[0])
+        assert self.NAMES[i:i + len(names)] == names, names
+        self.values[i:i + len(names)] += values
+
     def read(self) -> dict[str, int]:
         return dict(zip(self.NAMES, self.values.tolist()))
 
@@ -91,8 +97,7 @@ def run_experts(module, pool: dict[str, torch.Tensor], slot_table: torch.Tensor,
     if stages is None:
         h = _pair_outputs(module, pool, hidden, flat, counts, K)
     else:
-        h = stages.pair_outputs(lambda part: _pair_outputs(module, pool, hidden, part, _slot_counts(part, S), K),
-                                flat, S)
+        h = stages.pair_outputs(module, pool, hidden, flat, K)
     weight = top_k_weights.reshape(-1)  # in the router's dtype, as transformers' own experts weigh them
     h = torch.where((flat < S)[:, None], h * weight[:, None], 0.0)  # rows of the sentinel are unwritten
     return h.view(N, K, -1).sum(dim=1).to(hidden.dtype)
@@ -127,13 +132,20 @@ def _pair_outputs(module, pool, hidden, flat, counts, K) -> torch.Tensor:
 
 class Stages:
     """The pool slots of one layer in the order their copies land: stage 0 the slots already there, then groups
-    of copies, each with the copy-stream event after which its slots hold their experts. A pair's output does not
-    depend on which other pairs one grouped GEMM computes with it (each row is its own product, the call's shape
-    is the same), so the staged sum equals the one-pass sum bit for bit."""
+    of copies, each with the copy-stream event after which its slots hold their experts, and the number of routed
+    pairs each stage serves (the host knows it from the layer's routing sync).
 
-    def __init__(self, stage_of_slot: torch.Tensor, events: list):
+    The pairs are sorted once, stage first and slot second, so each stage's pairs are one run of rows; a stage
+    runs two grouped GEMMs over a view of P rows that starts at its run (the one pass's call shape: a pair's output
+    does not depend on which rows share its call, each row is its own product), and its gate only over its own
+    rows. So the staged sum equals the one-pass sum bit for bit, and a stage costs a few kernels, not the whole
+    sort-gather-scatter pipeline over every pair."""
+
+    def __init__(self, stage_of_slot: torch.Tensor, events: list, sizes: list[int]):
         self.stage_of_slot = stage_of_slot  # [S + 1] long on the device: each slot's stage, -1 for none
         self.events = events  # [stage] the event to wait for before computing it (None: already there)
+        self.sizes = sizes  # [stage] routed pairs whose slot is in it (host ints)
+        assert len(sizes) == len(events), (sizes, events)
 
     def wait_all(self) -> None:
         stream = torch.cuda.current_stream(self.stage_of_slot.device)
@@ -141,18 +153,51 @@ class Stages:
             if event is not None:
                 stream.wait_event(event)
 
-    def pair_outputs(self, compute, flat: torch.Tensor, S: int) -> torch.Tensor:
-        """compute(flat of one stage's pairs, the others at the sentinel) -> [P, H], stage by stage."""
+    def pair_outputs(self, module, pool, hidden: torch.Tensor, flat: torch.Tensor, K: int) -> torch.Tensor:
+        """Each routed pair's expert output before the router's weight, [P, H] in pair order, stage by stage
+        (rows of pairs at the sentinel S are left unwritten), like _pair_outputs."""
+        S, J, P = next(iter(pool.values())).shape[0], len(self.events), flat.shape[0]
         stage = self.stage_of_slot[flat]  # [P]
+        stage = torch.where(stage < 0, J, stage)  # the sentinel's pairs sort after every stage
+        key = stage * (S + 1) + flat  # stage-major, then slot
+        order = torch.argsort(key, stable=True)  # ascending token order inside a slot, as in one pass
+        per = torch.zeros((J + 1) * (S + 1), dtype=torch.int32, device=flat.device)
+        per.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+        offs = per.view(J + 1, S + 1)[:J, :S].cumsum(1, dtype=torch.int32)  # [J, S]: each stage's groups from 0
+        starts = [sum(self.sizes[:j]) for j in range(J)]
+        pad = starts[-1] if J else 0  # a stage's view is P rows from its start
+        rows = torch.cat([order // K, order.new_zeros(pad)])  # padding rows read token 0: never a group's
+        x = hidden[rows]  # [P + pad, H]
+        sorted_slot = torch.cat([flat[order].clamp(max=S - 1), order.new_zeros(pad)])  # for expert biases
+        up = "gate_up_proj" if module.has_gate else "up_proj"
+        mid = out = None  # [P, I]: the stage's gated rows (its down projection's input); [P, H]: every stage's
         stream = torch.cuda.current_stream(flat.device) if flat.is_cuda else None
-        out = None
-        for j, event in enumerate(self.events):
+        for j, (event, start, n) in enumerate(zip(self.events, starts, self.sizes)):
             if event is not None:
                 stream.wait_event(event)
-            mine = stage == j
-            part = compute(torch.where(mine, flat, S))
-            out = part if out is None else torch.where(mine[:, None], part, out)
-        return out
+            if n == 0:
+                continue
+            h = _stage_linear(module, x[start:start + P], pool, up, offs[j], sorted_slot[start:start + n], n)
+            h = module._apply_gate(h) if module.has_gate else module.act_fn(h)  # [n, I]
+            if mid is None:
+                mid = h.new_empty((P, h.shape[1]))
+            mid[:n] = h
+            d = _stage_linear(module, mid, pool, "down_proj", offs[j], sorted_slot[start:start + n], n)
+            if out is None:
+                out = d.new_empty((P, d.shape[1]))
+            out[start:start + n] = d
+        if getattr(module, "has_post_expert_norm", False):
+            out = module.post_expert_norm(out)
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out  # a permutation: deterministic, unlike index_add_
+        return unsorted
+
+
+def _stage_linear(module, x, pool, name, offs, sorted_slot, n):
+    """A stage's rows (the first n of x, which has the one pass's P rows) through one projection: [n, out]."""
+    out = grouped_linear(x.to(pool[name].dtype), pool[name], offs, module.is_transposed)[:n]
+    bias = pool.get(name + "_bias")
+    return out + bias[sorted_slot] if bias is not None else out
 
 
 def _linear(module, x, pool, name, offs, sorted_slot):
@@ -187,14 +232,22 @@ def _few_pairs(module, pool, hidden, flat, weight, K):
     return gemv.pairs_gemv(h, down, flat, pairs=K, scale=weight, out_dtype=hidden.dtype)  # [N, H]
 
 
-def distinct_routed(top_k_index: torch.Tensor, active: torch.Tensor | None, num_experts: int) -> torch.Tensor:
-    """[E] bool: experts that at least one active token routes to (on the device, no sync)."""
+def routed_counts(top_k_index: torch.Tensor, active: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+    """[E] int32: routed pairs of the active tokens per expert (on the device, no sync)."""
     flat = top_k_index.reshape(-1)
     if active is not None:
         flat = torch.where(active[:, None].expand_as(top_k_index).reshape(-1), flat, num_experts)
     hit = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
     hit.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    return hit[:num_experts] > 0
+    return hit[:num_experts]
+
+
+def distinct_experts(top_k_index: torch.Tensor, active: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+    """[E] long: 1 for each expert that at least one active token routes to, else 0 (on the device, no sync)."""
+    flat = top_k_index.reshape(-1)
+    if active is not None:
+        flat = torch.where(active[:, None].expand_as(top_k_index).reshape(-1), flat, num_experts)
+    return torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device).scatter_(0, flat, 1)[:num_experts]
 
 
 def graph_safe(dtype: torch.dtype, device: torch.device) -> bool:

@@ -23,7 +23,7 @@ from . import gemv
 from .decoding import (DeviceClock, Generation, Outputs, RowMask, Sampler,  # noqa: F401 - re-exported
                        SamplingSettings, check_prompts, left_pad, right_pad, teacher_forcing_batch)
 from .errors import BadInput
-from .experts import ExpertCounters, Stages, distinct_routed, graph_safe, run_experts
+from .experts import ExpertCounters, Stages, graph_safe, routed_counts, run_experts
 from .graphs import GraphCache
 from .kvcache import MaskShape, StaticKV, attention_masks, check_fits, check_positions
 from .store import ExpertStore, StoreCounters  # noqa: F401 - StoreCounters is part of this module's API
@@ -221,12 +221,13 @@ class ModelRuntime:
         table = policy.sync_free_table(layer) if self.routing_log is None else None
         experts, tally = None, ()
         if table is None:
-            routed = distinct_routed(top_k_index, active, E)  # [E] bool, on the device
-            experts = routed.nonzero().flatten().tolist()  # the layer's one host sync: where copies are decided
+            # the layer's one host sync, where copies are decided: pairs per expert (the stages are sized by them)
+            pairs = routed_counts(top_k_index, active, E).tolist()
+            experts = [e for e, n in enumerate(pairs) if n]
             if self.routing_log is not None:
                 self.routing_log.append((self.forward_index, layer, experts))
             policy.serve(layer, experts)
-            stages = self._stages(layer, experts, top_k_index.numel())
+            stages = self._stages(layer, experts, pairs, top_k_index.numel())
             table = self.store.slot_of[layer]
         else:
             tally, stages = policy.count_sync_free(layer, top_k_index, active, self.counters), None
@@ -235,31 +236,33 @@ class ModelRuntime:
         policy.after_layer(layer, experts)
         return out
 
-    def _stages(self, layer: int, experts: list[int], pairs: int) -> Stages | None:
+    def _stages(self, layer: int, experts: list[int], pairs: list[int], routed: int) -> Stages | None:
         """The layer's routed slots in the order their copies land (engines/experts.py computes each stage once its
         copies are in, so only the last stage's compute waits for the link): the slots already in the pool first,
-        then the copies in COPY_STAGES groups of consecutive copies. None when nothing routed is still landing."""
-        if COPY_STAGES < 1 or pairs <= gemv.PAIRS_MAX:  # one pass once every copy has landed. At a few pairs the
+        then the copies in COPY_STAGES groups of consecutive copies. pairs[e]: the pairs routed to expert e.
+        None when nothing routed is still landing."""
+        if COPY_STAGES < 1 or routed <= gemv.PAIRS_MAX:  # one pass once every copy has landed. At a few pairs the
             self.store.sync_layer(layer)  # compute is small and the host is on the critical path: with stages,
             return None                   # nospec at batch 1 ran 28% slower on the H200 (results/h200/stages/)
         store = self.store
-        slots = {store.resident[(layer, e)] for e in experts}
-        landing = store.landing(layer, slots)
+        slot_pairs = {store.resident[(layer, e)]: pairs[e] for e in experts}
+        landing = store.landing(layer, set(slot_pairs))
         if not landing:
             return None
         stage_of = [-1] * (store.num_slots + 1)  # the sentinel slot is in no stage
-        present = slots - {slot for slot, _ in landing}
+        present = set(slot_pairs) - {slot for slot, _ in landing}
         for slot in present:
             stage_of[slot] = 0
-        events = [None] if present else []
+        events, sizes = ([None], [sum(slot_pairs[s] for s in present)]) if present else ([], [])
         size = -(-len(landing) // COPY_STAGES)
         for start in range(0, len(landing), size):
             group = landing[start:start + size]
             for slot, _ in group:
                 stage_of[slot] = len(events)
             events.append(group[-1][1])  # one copy stream: the group's last copy lands after the others
+            sizes.append(sum(slot_pairs[slot] for slot, _ in group))
         table = torch.tensor(stage_of, dtype=torch.long).pin_memory()  # pinned: queued without a host sync
-        return Stages(table.to(self.device, non_blocking=True), events)
+        return Stages(table.to(self.device, non_blocking=True), events, sizes)
 
     # -- forwards --------------------------------------------------------------------------------------------
 

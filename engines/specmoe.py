@@ -30,7 +30,7 @@ import torch
 from .base import RuntimeEngine, check_profile, profile_field
 from .draftlen import DraftLengthModel
 from .errors import BadInput
-from .experts import ExpertCounters, distinct_routed
+from .experts import ExpertCounters, distinct_experts
 from .prefetch import DraftPrefetch
 from .runtime import ExpertPolicy, Generation, ModelRuntime, Outputs, RowMask, Sampler, SamplingSettings
 from .store import ExpertStore
@@ -124,9 +124,10 @@ class SpecMoEPolicy(ExpertPolicy):
     With `prefetch_slots`, the drafts' routing is noted on the device and its experts copied ahead of verification
     into that many pool slots (engines/prefetch.py)."""
 
-    def __init__(self, n: int, policy: str, decay: float, seed: int, prefetch_slots: int = 0):
+    def __init__(self, n: int, policy: str, decay: float, seed: int, prefetch_slots: int = 0, drafts: bool = True):
         self.n, self.policy, self.decay, self.seed = n, policy, decay, seed
         self.prefetch_slots = prefetch_slots
+        self.drafts = drafts  # False for nospec: the substitution tables are never needed
         self.prefetch: DraftPrefetch | None = None
         self.mode = "verify"
 
@@ -138,36 +139,57 @@ class SpecMoEPolicy(ExpertPolicy):
         store = self.store
         E, L = store.num_experts, store.num_layers
         self.distances = [affinity_distances(store, layer) for layer in range(L)]
-        self.scores = [torch.zeros(E, dtype=torch.float64) for _ in range(L)]
+        self.scores = [[0.0] * E for _ in range(L)]  # hot-temporal's decayed usage (floats: the per-layer path)
         rng = random.Random(self.seed)
         initial = [sorted(rng.sample(range(E), self.n)) if self.policy == "random" else list(range(self.n))
                    for _ in range(L)]
         self.draft_sets: list[list[int]] = [[] for _ in range(L)]
         self.substitute: list[list[int]] = [[] for _ in range(L)]  # nearest resident expert of every expert
         self.sub_slots = torch.full((L, E), -1, dtype=torch.long, device=store.device)  # ... as pool slots
-        self.is_draft = torch.zeros((L, E), dtype=torch.bool, device=store.device)
+        # [L, 2, E]: per expert, what one draft forward's distinct routed expert adds to draft_requests (1) and to
+        # draft_substituted (1 unless it is a draft expert): the two tallies in one product inside the graph
+        self.tally_weights = torch.ones((L, 2, E), dtype=torch.long, device=store.device)
+        self._stale: set[int] = set()  # layers whose draft set changed since their tables were sent
         self.prefetch = DraftPrefetch(store, self.prefetch_slots) if self.prefetch_slots else None
         for layer in range(L):
             self.set_draft_experts(layer, initial[layer])
 
     def set_draft_experts(self, layer: int, experts: list[int]) -> None:
-        """Make `experts` the layer's resident draft set (a copy made this pass is kept, not made again)."""
+        """Make `experts` the layer's resident draft set (a copy made this pass is kept, not made again). Its
+        substitution tables are built at the end of the forward, or before the next draft (`draft_tables`): once
+        for every layer a verification changed, off the per-layer path, and never for nospec, which never drafts."""
         store = self.store
         for e in set(self.draft_sets[layer]) - set(experts):
             store.drop(layer, e)
         for e in experts:
             store.keep(layer, e)
         self.draft_sets[layer] = sorted(experts)
-        resident = torch.tensor(self.draft_sets[layer])  # a resident expert is its own nearest (distance 0)
-        self.substitute[layer] = resident[self.distances[layer][:, resident].argmin(dim=1)].tolist()
-        store.sync_layer(layer)  # the draft graphs read these slots: their copies come first
-        slots = torch.tensor([store.resident[(layer, e)] for e in self.substitute[layer]])
-        draft = torch.zeros(store.num_experts, dtype=torch.bool)
-        draft[resident] = True
+        self._stale.add(layer)
+
+    def draft_tables(self) -> None:
+        """The substitution tables of every layer whose draft set changed, on the device (queued, no host sync)."""
+        if not self._stale:
+            return
+        store, E = self.store, self.store.num_experts
+        layers = sorted(self._stale)
+        self._stale.clear()
+        slots = torch.empty((len(layers), E), dtype=torch.long)
+        weights = torch.ones((len(layers), 2, E), dtype=torch.long)
+        for i, layer in enumerate(layers):
+            resident = torch.tensor(self.draft_sets[layer])  # a resident expert is its own nearest (distance 0)
+            self.substitute[layer] = resident[self.distances[layer][:, resident].argmin(dim=1)].tolist()
+            store.sync_layer(layer)  # the draft graphs read these slots: their copies come first
+            slots[i] = torch.tensor([store.resident[(layer, e)] for e in self.substitute[layer]])
+            weights[i, 1, resident] = 0  # a draft expert serves itself: not a substitution
         if store.device.type == "cuda":  # pinned, so the copies are queued in stream order without a sync
-            slots, draft = slots.pin_memory(), draft.pin_memory()
-        self.sub_slots[layer].copy_(slots, non_blocking=True)
-        self.is_draft[layer].copy_(draft, non_blocking=True)
+            slots, weights = slots.pin_memory(), weights.pin_memory()
+        if len(layers) == store.num_layers:
+            self.sub_slots.copy_(slots, non_blocking=True)
+            self.tally_weights.copy_(weights, non_blocking=True)
+        else:
+            for i, layer in enumerate(layers):
+                self.sub_slots[layer].copy_(slots[i], non_blocking=True)
+                self.tally_weights[layer].copy_(weights[i], non_blocking=True)
 
     def sync_free_table(self, layer):
         if self.mode == "draft":
@@ -182,11 +204,10 @@ class SpecMoEPolicy(ExpertPolicy):
     def count_sync_free(self, layer, top_k_index, active, counters: ExpertCounters) -> tuple[str, ...]:
         if self.mode != "draft":
             return super().count_sync_free(layer, top_k_index, active, counters)
-        routed = distinct_routed(top_k_index, active, self.store.num_experts)
-        counters.add("draft_requests", routed.sum())
-        counters.add("draft_substituted", (routed & ~self.is_draft[layer]).sum())
+        routed = distinct_experts(top_k_index, active, self.store.num_experts)  # [E] long, 0 or 1
+        counters.add_vector(("draft_requests", "draft_substituted"), (routed * self.tally_weights[layer]).sum(-1))
         if self.prefetch is not None:
-            self.prefetch.note(layer, routed)
+            self.prefetch.note(layer, routed > 0)
         return ()
 
     def after_layer(self, layer, experts):
@@ -202,21 +223,25 @@ class SpecMoEPolicy(ExpertPolicy):
 
     def _refresh(self, layer: int, experts: list[int]) -> None:
         """Hot-temporal: the layer's draft set becomes the N experts of the highest decayed usage."""
-        scores = self.scores[layer]
-        scores *= self.decay
-        scores[experts] += 1.0
+        decay = float(self.decay)
+        score = self.scores[layer] = [s * decay for s in self.scores[layer]]
+        for e in experts:
+            score[e] += 1.0
         current = set(self.draft_sets[layer])
         # highest score first; on ties keep what is resident, then the lower id (no churn on ties)
-        score = scores.tolist()  # one conversion, not one .item() per expert, on this per-layer path
         ranked = sorted(range(self.store.num_experts), key=lambda e: (-score[e], e not in current, e))
         if set(ranked[: self.n]) != current:
             self.set_draft_experts(layer, ranked[: self.n])
 
     def end_forward(self) -> None:
-        if self.prefetch is not None and self.mode != "draft":  # a verification, or a forward that never drafted
+        if self.mode == "draft":
+            return
+        if self.prefetch is not None:  # a verification, or a forward that never drafted
             for layer, e in self.prefetch.finish():
                 if e not in self.draft_sets[layer]:
                     self.store.drop(layer, e)
+        if self.drafts:  # the host builds the tables while the device still runs this forward's last layers
+            self.draft_tables()
 
 
 class SpecMoEEngine(RuntimeEngine):
@@ -231,7 +256,8 @@ class SpecMoEEngine(RuntimeEngine):
         prefetching = self.speculate and o.prefetch == "draft"  # nospec never drafts, so it has nothing to prefetch
         self.prefetch_slots = self._prefetch_window(self.draft_experts) if prefetching else 0
         self.lengths: dict[int, DraftLengthModel] = {}  # batch size -> its draft length model, kept across calls
-        self.policy = SpecMoEPolicy(self.draft_experts, o.draft_policy, o.decay, o.seed, self.prefetch_slots)
+        self.policy = SpecMoEPolicy(self.draft_experts, o.draft_policy, o.decay, o.seed, self.prefetch_slots,
+                                    drafts=self.speculate)
         return self.policy
 
     def _draft_experts(self, hardware) -> int:
@@ -433,6 +459,7 @@ class SpeculativeDecoder:
         x, drafts, q = pending, [], []
         if prefetch is not None:
             prefetch.start()
+        policy.draft_tables()
         policy.mode = "draft"
         try:
             for j in range(gamma):

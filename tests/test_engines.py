@@ -308,8 +308,10 @@ def test_experts_computed_stage_by_stage_equal_one_pass_to_the_bit(dtype):
     active = torch.tensor([True, True, False, True, True, True, True])
     one_pass = experts.run_experts(module, pool, table, hidden, index, weights, active, experts.ExpertCounters("cpu"))
     stage_of = torch.tensor([2, 0, 1, 0, 3, 1, -1])  # four stages; the sentinel slot S in none
+    stage = stage_of[table[index]][active]  # the runtime counts each stage's routed pairs on the host
+    sizes = [int((stage == j).sum()) for j in range(4)]
     staged = experts.run_experts(module, pool, table, hidden, index, weights, active, experts.ExpertCounters("cpu"),
-                                 stages=experts.Stages(stage_of, [None] * 4))
+                                 stages=experts.Stages(stage_of, [None] * 4, sizes))
     assert torch.equal(staged, one_pass)
     assert (staged[2] == 0).all() and (staged.abs().sum(-1)[active] > 0).all()
 

@@ -2,10 +2,11 @@
 # Issue 12's acceptance matrix (matrices/h200-runtime.toml) with the staged expert compute (engines/runtime.py
 # COPY_STAGES), against OLD (the commit before it, in a git worktree) on the same trained `small` and prompts, in one
 # device call: this code's whole matrix first, then OLD's copy-bound cells (the ones staging changes).
-#   bash results/h200/stages_job.sh 570 fd208b8
+#   bash results/h200/stages_job.sh 570 fd208b8 [NEW_RUN_ID]
 set -u
-limit=${1:?usage: stages_job.sh SECONDS OLD_COMMIT}
-old=${2:?usage: stages_job.sh SECONDS OLD_COMMIT}
+limit=${1:?usage: stages_job.sh SECONDS OLD_COMMIT [NEW_RUN_ID]}
+old=${2:?usage: stages_job.sh SECONDS OLD_COMMIT [NEW_RUN_ID]}
+new_id=${3:-h200-runtime-staged}
 source "$(dirname "$0")/job_lib.sh"
 
 run_old() {  # matrices/h200-runtime.toml's offload and nospec cells, measured by OLD
@@ -19,6 +20,6 @@ run_old() {  # matrices/h200-runtime.toml's offload and nospec cells, measured b
 }
 
 once train-small train_small
-run matrices/h200-runtime.toml h200-runtime-staged
+run matrices/h200-runtime.toml "$new_id"
 run_old
 ls -la "$out"
