@@ -48,6 +48,7 @@ def test_experts_function_small_batch(benchmark, runtime):
 def test_draft_layer_through_the_substitution_table(benchmark, runtime):
     policy = specmoe.SpecMoEPolicy(n=2, policy="hot-global", decay=0.8, seed=0)
     runtime.set_policy(policy)
+    policy.draft_tables()  # as the decoder does before its draft forwards: the tables are built lazily
     policy.mode = "draft"
     store, module = runtime.store, runtime.experts_modules[0]
     g = torch.Generator().manual_seed(0)
