@@ -80,6 +80,10 @@ class ExpertPolicy:
         distinct slots count into (the pool's own table maps experts to slots one to one: each is a hit)."""
         return ("resident_hits",)
 
+    def note_routing(self, layer: int, pairs: list[int]) -> None:
+        """Before `serve`: the routed pairs (token, expert) of each expert of the layer this pass, from the layer's
+        one host sync. Default: unused."""
+
     def serve(self, layer: int, experts: list[int]) -> None:
         """Make every expert in `experts` (routed this pass, ascending) present in the pool; count hits/misses."""
         for e in experts:
@@ -226,6 +230,7 @@ class ModelRuntime:
             experts = [e for e, n in enumerate(pairs) if n]
             if self.routing_log is not None:
                 self.routing_log.append((self.forward_index, layer, experts))
+            policy.note_routing(layer, pairs)
             policy.serve(layer, experts)
             stages = self._stages(layer, experts, pairs, top_k_index.numel())
             table = self.store.slot_of[layer]

@@ -6,7 +6,8 @@ is unchanged; a routed expert that is not resident is replaced by its nearest re
 table (L2 distance between the flattened expert weights, gate/up and down together). Drafting copies nothing.
 Verification: one forward of the full model over every drafted token of every sequence, exact routing; each
 missing expert is copied once per layer per pass and serves every token routed to it (deferred, coalesced).
-Draft experts are refreshed from the experts recent verification passes used (hot-temporal).
+Draft experts are refreshed from recent verification passes, by each expert's share of their routed pairs
+(hot-temporal); every generate call starts from the draft sets `prepare` left.
 Beyond the paper, each one option away from it: `prefetch = "draft"` copies the experts the drafts' router chose
 while drafting (engines/prefetch.py); `gamma = "auto"` chooses the draft length per batch size from measured
 acceptance and step times (engines/draftlen.py); `draft_experts = "budget"` takes as many draft experts as the
@@ -166,6 +167,19 @@ class SpecMoEPolicy(ExpertPolicy):
         self.draft_sets[layer] = sorted(experts)
         self._stale.add(layer)
 
+    def state(self) -> tuple[list[list[int]], list[list[float]]]:
+        """The draft sets and hot-temporal scores, for `restore`."""
+        return [list(s) for s in self.draft_sets], [list(s) for s in self.scores]
+
+    def restore(self, state: tuple[list[list[int]], list[list[float]]]) -> bool:
+        """Back to a `state`: its draft sets resident (copies queued), its scores. True when a set changed."""
+        sets, scores = state
+        changed = [layer for layer, experts in enumerate(sets) if experts != self.draft_sets[layer]]
+        for layer in changed:
+            self.set_draft_experts(layer, experts=sets[layer])
+        self.scores = [list(s) for s in scores]
+        return bool(changed)
+
     def draft_tables(self) -> None:
         """The substitution tables of every layer whose draft set changed, on the device (queued, no host sync)."""
         if not self._stale:
@@ -221,12 +235,18 @@ class SpecMoEPolicy(ExpertPolicy):
         if self.prefetch is not None:
             self.prefetch.fill(after=layer)  # the slots just given back take later layers' predicted experts
 
+    def note_routing(self, layer, pairs):
+        self._pairs = pairs
+
     def _refresh(self, layer: int, experts: list[int]) -> None:
-        """Hot-temporal: the layer's draft set becomes the N experts of the highest decayed usage."""
-        decay = float(self.decay)
+        """Hot-temporal: the layer's draft set becomes the N experts of the highest decayed usage. A pass adds
+        each expert's share of the pass's routed pairs: counting each used expert once instead, a pass of a large
+        batch, which uses every expert, left all scores tied, and the set moved only in the ragged tail."""
+        decay, pairs = float(self.decay), self._pairs
         score = self.scores[layer] = [s * decay for s in self.scores[layer]]
+        total = sum(pairs)
         for e in experts:
-            score[e] += 1.0
+            score[e] += pairs[e] / total
         current = set(self.draft_sets[layer])
         # highest score first; on ties keep what is resident, then the lower id (no churn on ties)
         ranked = sorted(range(self.store.num_experts), key=lambda e: (-score[e], e not in current, e))
@@ -258,6 +278,7 @@ class SpecMoEEngine(RuntimeEngine):
         self.lengths: dict[int, DraftLengthModel] = {}  # batch size -> its draft length model, kept across calls
         self.policy = SpecMoEPolicy(self.draft_experts, o.draft_policy, o.decay, o.seed, self.prefetch_slots,
                                     drafts=self.speculate)
+        self._start = None  # the draft sets every generate call starts from (`_start_from_prepared`)
         return self.policy
 
     def _draft_experts(self, hardware) -> int:
@@ -297,7 +318,23 @@ class SpecMoEEngine(RuntimeEngine):
             self.lengths[batch] = DraftLengthModel(self.options.candidates())
         return self.lengths[batch]
 
+    def prepare(self, prompts, settings, calibration=None) -> None:
+        super().prepare(prompts, settings, calibration)
+        self._start = self.policy.state()
+
+    def _start_from_prepared(self) -> None:
+        """Each generate call starts from the draft sets and scores prepare left (the initial or the profiled
+        ones), so the iterations of a cell are samples of the same work. Carried over from call to call instead,
+        hot-temporal's sets made bytes per token differ by up to 50% between iterations of one cell on the H200
+        (results/h200/hostpath/). The copies this takes land before the call starts and are not its bytes."""
+        if self._start is None:
+            self._start = self.policy.state()
+        elif self.policy.restore(self._start):
+            self.runtime.store.sync_all()
+            self.runtime.sync()
+
     def generate(self, prompts, settings) -> Generation:
+        self._start_from_prepared()
         self.policy.mode = "verify"
         if not self.speculate:
             gen = self.runtime.generate(prompts, settings)

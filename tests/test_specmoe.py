@@ -302,3 +302,39 @@ def test_auto_gamma_gives_resident_tokens_and_reports_its_model():
     assert model["best"] in (0, 1, 3, 6) and sum(model["steps_by_gamma"].values()) == engine.lengths[8].steps
     assert len(gen.stats["drafted_by_position"]) == 6
     assert sum(gen.stats["steps_by_gamma"].values()) == len(gen.step_times)
+
+
+@pytest.mark.parametrize("name,options", [("specmoe", dict(gamma=4, adaptive=False, prefetch="none")),
+                                          ("specmoe", dict(gamma=4, adaptive=False, prefetch="draft")),
+                                          ("nospec", {})])
+def test_every_generate_starts_from_the_prepared_draft_sets(name, options):
+    """The iterations of a cell are samples of the same work: hot-temporal's draft sets, changed by one call, are
+    back to what prepare left when the next call starts, so a second call copies and accepts exactly as the first."""
+    settings = SamplingSettings(max_new_tokens=14)
+    prompts = prompts_of_different_lengths(8, seed=8)
+    engine = loaded(name, "tiny-mixtral-random", torch.float32, draft_experts=2, **options)
+    engine.prepare(prompts, settings)
+    prepared = engine.policy.state()
+    first = engine.generate(prompts, settings)
+    assert engine.policy.state() != prepared  # the call refreshed the sets: what the next one must undo
+    second = engine.generate(prompts, settings)
+    assert second.tokens == first.tokens
+    keys = ("h2d_bytes", "h2d_copies", "accepted_tokens", "drafted_tokens", "spec_steps")
+    assert {k: second.stats.get(k) for k in keys} == {k: first.stats.get(k) for k in keys}
+    assert first.stats["h2d_bytes"] > 0
+
+
+def test_hot_temporal_follows_the_experts_that_serve_the_most_pairs():
+    """A verification of a large batch routes to every expert; the draft set follows where most of its pairs went
+    (each expert's share), not merely which experts were used, which would tie every score."""
+    engine = loaded("specmoe", "tiny-mixtral-random", torch.float32, gamma=4, adaptive=False, prefetch="none",
+                    draft_experts=2)
+    policy, E = engine.policy, engine.runtime.store.num_experts
+    assert policy.draft_sets[0] == [0, 1]
+    pairs = [1] * E
+    pairs[5], pairs[6] = 40, 30
+    policy.mode = "verify"
+    policy.note_routing(0, pairs)
+    policy.after_layer(0, list(range(E)))
+    assert policy.draft_sets[0] == [5, 6]
+    assert policy.draft_sets[1] == [0, 1]  # another layer's set is its own
