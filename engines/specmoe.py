@@ -151,6 +151,7 @@ class SpecMoEPolicy(ExpertPolicy):
         # draft_substituted (1 unless it is a draft expert): the two tallies in one product inside the graph
         self.tally_weights = torch.ones((L, 2, E), dtype=torch.long, device=store.device)
         self._stale: set[int] = set()  # layers whose draft set changed since their tables were sent
+        self._pairs: list[int] = []  # the routed pairs per expert of the layer being verified (`note_routing`)
         self.prefetch = DraftPrefetch(store, self.prefetch_slots) if self.prefetch_slots else None
         for layer in range(L):
             self.set_draft_experts(layer, initial[layer])
