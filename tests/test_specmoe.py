@@ -171,6 +171,7 @@ def test_greedy_accept_rule():
     (dict(draft_experts="most"), "option draft_experts='most': expected a whole number or budget"),
     (dict(profile="measured"), "specmoe profile='measured'; allowed: calibration, oracle"),
     (dict(draft_policy="hottest"), "unknown draft policy 'hottest'; allowed: hot-temporal, hot-global, random"),
+    (dict(start="hot"), "specmoe start='hot'; allowed: warm, cold"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(BadInput, match=message):
@@ -338,3 +339,31 @@ def test_hot_temporal_follows_the_experts_that_serve_the_most_pairs():
     policy.after_layer(0, list(range(E)))
     assert policy.draft_sets[0] == [5, 6]
     assert policy.draft_sets[1] == [0, 1]  # another layer's set is its own
+
+
+@pytest.mark.parametrize("name", ["specmoe", "nospec"])
+def test_a_warm_start_is_where_hot_temporal_leaves_the_sets_after_the_calibration_prompts(name):
+    """start=warm: prepare serves the calibration prompts once with plain steps, so the draft sets and scores are
+    those a cold engine has after serving them, whatever the measured prompts are; without a calibration set, and
+    with start=cold, the sets stay at experts 0 .. N-1."""
+    settings = SamplingSettings(max_new_tokens=10)
+    calibration = prompts_of_different_lengths(8, seed=31)
+    options = dict(draft_experts=2, gamma=4, adaptive=False, prefetch="none")
+    cold = loaded(name, "tiny-mixtral-random", torch.float32, **options)
+    initial = cold.policy.state()
+    assert initial[0] == [[0, 1]] * len(initial[0])
+    cold.prepare(prompts_of_different_lengths(8, seed=7), settings, calibration=lambda: calibration)
+    assert cold.policy.state() == initial and cold.setup_stats()["draft_start"] == "cold"
+    cold.runtime.generate(calibration, settings)
+    served = cold.policy.state()
+    assert served[0] != initial[0]  # serving moved some set: the comparison below tests something
+
+    for seed in (7, 8):  # two sets of measured prompts: neither changes where the sets start
+        warm = loaded(name, "tiny-mixtral-random", torch.float32, start="warm", **options)
+        warm.prepare(prompts_of_different_lengths(8, seed=seed), settings, calibration=lambda: calibration)
+        assert warm.policy.state() == served
+        assert warm.setup_stats()["draft_start"] == "warm: calibration"
+        assert warm.setup_stats()["prepare_h2d_bytes"] > 0
+    bare = loaded(name, "tiny-mixtral-random", torch.float32, start="warm", **options)
+    bare.prepare(calibration, settings)  # a direct library call with no calibration set
+    assert bare.policy.state() == initial and bare.setup_stats()["draft_start"] == "cold"
