@@ -95,6 +95,7 @@ class Engine:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    serves_disk: ClassVar[bool] = False  # whether it can serve experts from the disk tier (hardware host=disk)
 
     def __init__(self, **options):
         self.options = make_options(self.name, self.Options, options)
@@ -145,6 +146,8 @@ def prepare_engine(engine: Engine, prompts, settings, calibration: Callable[[], 
 class RuntimeEngine(Engine):
     """An engine built on the shared ModelRuntime: it only chooses an ExpertPolicy (and may override generate)."""
 
+    serves_disk = True
+
     runtime: ModelRuntime
 
     def make_policy(self, hardware: HardwareProfile) -> ExpertPolicy:
@@ -153,7 +156,7 @@ class RuntimeEngine(Engine):
     def load(self, model, hardware: HardwareProfile) -> None:
         self.hardware = hardware
         self.loaded = model
-        self.runtime = ModelRuntime(model.model, hardware.device)
+        self.runtime = ModelRuntime(model.model, hardware.device, disk_dir=hardware.disk_dir)
         store = self.runtime.store
         self.expert_budget = hardware.expert_budget(self.runtime.non_expert_bytes, model.layers_loaded,
                                                     model.layers_total, layer_bytes(self.runtime.model),
@@ -162,9 +165,11 @@ class RuntimeEngine(Engine):
             raise BadInput(f"hardware {hardware.spec!r}: the expert budget ({self.expert_budget} bytes after the "
                            f"non-expert weights) holds less than one expert ({store.expert_bytes} bytes)")
         self.runtime.set_policy(self.make_policy(hardware))
+        if store.disk is not None:  # setup read experts through the memory map (affinity distances)
+            store.disk.drop_cache()
         self._setup = dict(setup_h2d_bytes=store.counters.h2d_bytes, resident_experts=len(store.resident),
                            expert_budget_bytes=self.expert_budget, memory_budget_bytes=hardware.memory_budget_bytes,
-                           expert_budget_share=hardware.expert_share)
+                           expert_budget_share=hardware.expert_share, host_tier=hardware.host)
         store.reset_counters()
 
     def prepare(self, prompts, settings, calibration=None) -> None:

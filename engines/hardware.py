@@ -1,17 +1,21 @@
 """Hardware profiles: which device a cell runs on and how much expert memory it may keep there."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
 import torch
 
+from .disktier import check_dir
 from .errors import BadInput
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 ALLOWED = ("cpu, cuda, cuda:N, cuda:budget=SIZE or cuda:N:budget=SIZE (SIZE like 24GiB, 512MiB: the device memory "
-           "of the GPU to emulate; or a share of the experts like 25%)")
+           "of the GPU to emulate; or a share of the experts like 25%), each optionally ending in :host=disk or "
+           ":host=disk@DIR (experts served from a file on local disk, in DIR or the cache directory)")
+HOST_TIERS = ("memory", "disk")
 _LAYER_PARAM = re.compile(r"(^|\.)layers\.\d+\.")
 
 
@@ -58,6 +62,7 @@ class HardwareProfile:
     device: str  # torch device string: "cpu" or "cuda:N"
     memory_budget_bytes: int | None = None  # device memory of the GPU this profile emulates (None: the real one)
     expert_share: float | None = None  # budget=25%: the share of the model's expert bytes engines may keep
+    disk_dir: str | None = None  # host=disk: the directory of the experts' file (None: experts in host memory)
 
     @property
     def has_budget(self) -> bool:
@@ -67,9 +72,32 @@ class HardwareProfile:
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
 
+    @property
+    def host(self) -> str:
+        """Where the experts live off the device: memory (pinned host memory) or disk (`host=disk`)."""
+        return "memory" if self.disk_dir is None else "disk"
+
     @classmethod
     def parse(cls, spec: str, check_available: bool = True) -> "HardwareProfile":
         text = spec.strip()
+        m = re.fullmatch(r"(.*?):host=([^@]*)(?:@(.*))?", text)
+        disk_dir = None
+        if m:
+            device_part, tier, directory = m.groups()
+            if tier not in HOST_TIERS:
+                raise BadInput(f"hardware {spec!r}: unknown host tier {tier!r}; allowed: {', '.join(HOST_TIERS)}")
+            if directory is not None and tier != "disk":
+                raise BadInput(f"hardware {spec!r}: only host=disk takes a directory (host=disk@DIR)")
+            if directory is not None and not directory.strip():
+                raise BadInput(f"hardware {spec!r}: host=disk@ names no directory; write host=disk@DIR or host=disk")
+            if tier == "disk":
+                disk_dir = check_dir(spec, directory)
+            text = device_part
+        profile = cls._parse_device(spec, text, check_available)
+        return dataclasses.replace(profile, spec=spec.strip(), disk_dir=disk_dir)
+
+    @classmethod
+    def _parse_device(cls, spec: str, text: str, check_available: bool) -> "HardwareProfile":
         if text == "cpu":
             return cls(spec=text, device="cpu")
         m = re.fullmatch(r"cuda(?::(\d+))?(?::budget=([^:]+))?", text)

@@ -22,6 +22,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from . import gemv
 from .decoding import (DeviceClock, Generation, Outputs, RowMask, Sampler,  # noqa: F401 - re-exported
                        SamplingSettings, check_prompts, left_pad, right_pad, teacher_forcing_batch)
+from .disktier import DiskTier
 from .errors import BadInput
 from .experts import ExpertCounters, Stages, graph_safe, routed_counts, run_experts
 from .graphs import GraphCache
@@ -159,14 +160,16 @@ def _sdpa_backends():
 class ModelRuntime:
     """Owns a model with experts in host memory and runs forwards under an ExpertPolicy."""
 
-    def __init__(self, model: nn.Module, device: str | torch.device, policy: ExpertPolicy | None = None):
+    def __init__(self, model: nn.Module, device: str | torch.device, policy: ExpertPolicy | None = None,
+                 disk_dir: str | None = None):
+        """disk_dir: the disk tier's directory (`host=disk`): the experts go to a file there, not host memory."""
         self.device = torch.device(device)
         model.eval()
         experts = find_experts_modules(model)
         if not experts:
             raise BadInput(f"model {type(model).__name__} has no MoE layers with a fused experts module that the "
                            f"runtime can serve; supported families: {SUPPORTED_FAMILIES}")
-        pin = self.device.type == "cuda"
+        pin = self.device.type == "cuda" and disk_dir is None  # the disk tier pins its staging buffers instead
         host = []
         for layer, (_, m) in enumerate(experts):
             params = {name: p for name, p in m.named_parameters(recurse=False)
@@ -182,8 +185,10 @@ class ModelRuntime:
         self.model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
         self.base, self.lm_head = self.model.base_model, self.model.get_output_embeddings()
         self.masks = MaskShape(self.model)
-        self.store = ExpertStore(host, self.device)
-        self.dtype = next(iter(host[0].values())).dtype
+        disk = DiskTier(host, disk_dir, pin=self.device.type == "cuda") if disk_dir is not None else None
+        self.store = ExpertStore(host, self.device, disk)
+        del host  # with the disk tier, the experts' host memory goes once the model's own tensors go
+        self.dtype = next(iter(self.store.host[0].values())).dtype
         self.top_k = self._top_k(model.config)
         self.non_expert_bytes = sum(p.nbytes for p in self.model.parameters()) + \
             sum(b.nbytes for b in self.model.buffers())
@@ -323,9 +328,12 @@ class ModelRuntime:
         return kv
 
     def release(self) -> None:
-        """Give back the device memory this runtime holds (pool, cache, graphs)."""
+        """Give back the device memory this runtime holds (pool, cache, graphs), and the disk tier's file."""
         self.graphs, self._kv = None, None
         self.store.pool, self.store.resident = {}, {}
+        if self.store.disk is not None:
+            self.sync()  # no copy out of its staging buffers is still queued
+            self.store.disk.close()
 
     def sync(self) -> None:
         if self.device.type == "cuda":

@@ -4,13 +4,16 @@ The pool holds one stacked tensor per expert parameter, [slots, ...], like mixtr
 a copy lands in a slot, never in a fresh allocation. `slot_of` [L, E] (on the device) maps (layer, expert) to the
 slot that holds it, -1 where none does; the experts forward reads it on the device, so a layer whose experts are
 all in the pool needs no host decision. Every host-to-device expert copy in the project goes through
-`copy_to_device`, which counts its bytes.
+`copy_to_device`, which counts its bytes. With the disk tier (engines/disktier.py) the experts live in a file on
+local disk and each copy is read from it first.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from .disktier import DiskTier
 
 
 @dataclass
@@ -25,8 +28,9 @@ class StoreCounters:
 
 
 class ExpertStore:
-    def __init__(self, host: list[dict[str, torch.Tensor]], device: torch.device):
-        self.host = host  # [layer] -> {param name: [E, ...]}
+    def __init__(self, host: list[dict[str, torch.Tensor]], device: torch.device, disk: DiskTier | None = None):
+        self.disk = disk  # the disk tier (`host=disk`): copies are read from its file, host holds its memory map
+        self.host = disk.host if disk is not None else host  # [layer] -> {param name: [E, ...]}
         self.device = torch.device(device)
         self.num_layers = len(host)
         self.num_experts = next(iter(host[0].values())).shape[0]
@@ -65,18 +69,25 @@ class ExpertStore:
         overwritten while a queued kernel still reads it) and records an event; `sync_layer` or `landing` makes
         the compute stream wait for it."""
         slot = self.free.pop()
+        if self.disk is not None:  # read from the disk into a pinned staging buffer first (on the host)
+            source, staging = self.disk.read(layer, expert)
+        else:
+            source, staging = {name: t[expert] for name, t in self.host[layer].items()}, None
         if self.copy_stream is None:
-            for name, t in self.host[layer].items():
-                self.pool[name][slot].copy_(t[expert])
+            for name, t in source.items():
+                self.pool[name][slot].copy_(t)
+            event = None
         else:
             copy = self.copy_stream
             copy.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(copy):
-                for name, t in self.host[layer].items():
-                    self.pool[name][slot].copy_(t[expert], non_blocking=True)
+                for name, t in source.items():
+                    self.pool[name][slot].copy_(t, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(copy)
             self._landing.setdefault(layer, []).append((slot, event))
+        if staging is not None:
+            self.disk.used(staging, event)
         self._place(layer, expert, slot)
         self.counters.h2d_bytes += self.expert_bytes
         self.counters.h2d_copies += 1

@@ -315,8 +315,9 @@ def _memory(c: Cell, metrics: Metrics) -> None:
 
 
 def _bound(c: Cell, metrics: Metrics, run_dir: Path | None) -> None:
-    """The cell against its hardware bound (harness/bounds.py), from the run's bandwidth probe of its GPU."""
-    if c.hw.is_cuda:
+    """The cell against its hardware bound (harness/bounds.py), from the run's bandwidth probe of its GPU. Absent
+    with the disk tier: its copies are bound by the disk, which the probe does not measure."""
+    if c.hw.is_cuda and c.hw.host == "memory":
         from harness import bounds
         rates = bounds.for_run(run_dir, c.hw.device)
         bounds.apply(metrics, rates)

@@ -241,7 +241,8 @@ def parse_options(values: tuple[str, ...], engines: list[str]) -> dict[str, dict
                    "Default: the trained 'tiny' model (tiny-mixtral-random where it does not exist).")
 @click.option("--batch-sizes", default="1,8", show_default=True, metavar="N,N,...", help="Batch sizes to run.")
 @click.option("--hardware", "hardware", multiple=True, metavar="SPEC",
-              help="cpu, cuda, cuda:N or cuda:budget=24GiB; repeat for several. Default: cuda if present, else cpu.")
+              help="cpu, cuda, cuda:N or cuda:budget=24GiB, each optionally with :host=disk[@DIR] (experts "
+                   "served from a file on local disk); repeat for several. Default: cuda if present, else cpu.")
 @click.option("--workload", default=None,
               help="Prompt set (see `list workloads`). Default: code-heldout (held-out source code, real text for the "
                    "trained models), synthetic-ids where the workloads module is absent.")
@@ -336,6 +337,8 @@ def list_cmd(what):
                                          "first, experts in the rest, e.g. cuda:budget=24GiB", here])
         rows.append(["cuda:budget=P%", "engines may keep P% of the model's expert bytes on the device, "
                                        "e.g. cuda:budget=25%", here])
+        rows.append(["...:host=disk[@DIR]", "after any of these: experts served from a file on local disk in DIR "
+                                            "(default: the cache directory), past the page cache", ""])
         click.echo(render_table(["hardware", "what it is", "memory"], rows))
 
 

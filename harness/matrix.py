@@ -266,6 +266,9 @@ def _validate(cells: list[CellConfig], source: str, check_hardware: bool) -> Non
     for c in cells:
         c.engine_options = once("engine", (c.engine, c.engine_options), registry.check_options)
         once("model", (c.model, c.model_layers, c.dtype), check_model)
-        once("hardware", (c.hardware,), lambda v: HardwareProfile.parse(v, check_available=check_hardware))
+        hardware = once("hardware", (c.hardware,), lambda v: HardwareProfile.parse(v, check_available=check_hardware))
+        if hardware.host == "disk" and not registry.engine_class(c.engine).serves_disk:
+            raise BadInput(f"{source}: engine {c.engine!r} cannot serve experts from the disk tier ({c.hardware!r}): "
+                           "it runs as it ships, from host memory; host=disk is for the project's runtime engines")
         once("workload", (c.workload,), check_workload)
         once("calibration", (c.calibration, c.workload), check_calibration)

@@ -60,7 +60,8 @@ class CellConfig:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.engine_options.items()))
         parts = [self.engine + (f"[{_short(opts)}]" if opts else ""), _short(self.model.replace("/", "_")),
                  f"L{self.model_layers}" if self.model_layers else "", self.dtype, f"b{self.batch_size}",
-                 self.hardware.replace(":", "_").replace("=", "-").replace("%", "pct"),
+                 _short(self.hardware.replace(":", "_").replace("=", "-").replace("%", "pct").replace("@", "-at-")
+                        .replace("/", "_")),
                  _short(self.workload.replace("/", "_")),
                  "" if self.calibration == "split" else "cal-" + _short(self.calibration.replace("/", "_")),
                  f"p{self.prompt_len}", f"n{self.max_new_tokens}",

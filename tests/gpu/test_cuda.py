@@ -233,3 +233,21 @@ def test_experts_staged_behind_their_copies_equal_one_pass_to_the_bit():
     staged = experts.run_experts(module, pool, table, hidden, index, weights, active, experts.ExpertCounters("cuda"),
                                  stages=experts.Stages(stage_of, events, sizes))
     assert torch.equal(staged, one_pass)
+
+
+@pytest.mark.parametrize("name", ["offload", "specmoe"])
+def test_the_disk_tier_on_cuda_gives_the_tokens_and_bytes_of_host_memory(name, tmp_path):
+    """host=disk on the GPU: reads into the pinned staging ring, copies on the copy stream (a buffer is reused only
+    once its copy has run); the same tokens and counted bytes as from pinned host memory, every copy a read."""
+    prompts, settings = _prompts(16, seed=3), SamplingSettings(max_new_tokens=16)
+    out = {}
+    for spec in ("cuda:budget=25%", f"cuda:budget=25%:host=disk@{tmp_path}"):
+        engine = registry.create(name, **({"gamma": 4, "adaptive": False} if name == "specmoe" else {}))
+        engine.load(load_model("tiny-mixtral-random", dtype=torch.bfloat16), HardwareProfile.parse(spec))
+        disk = engine.runtime.store.disk
+        before = disk.bytes_read if disk else 0
+        gen = engine.generate(prompts, settings)
+        out[spec] = (gen.tokens, gen.stats["h2d_bytes"], (disk.bytes_read - before) if disk else None)
+        engine.close()
+    (tokens, h2d, _), (disk_tokens, disk_h2d, read) = out.values()
+    assert disk_tokens == tokens and disk_h2d == h2d > 0 and read == h2d
