@@ -18,20 +18,15 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput
+from .paths import cache_dir
 
 STAGING_BUFFERS = 4  # copies that may be in flight from the staging ring at once
-
-
-def default_dir() -> Path:
-    """Where `host=disk` puts its file when the spec names no directory: the project's cache directory."""
-    root = os.environ.get("SPECMOE_BENCH_CACHE") or Path.home() / ".cache" / "specmoe-bench"
-    return Path(root) / "disk-tier"
 
 
 def check_dir(spec: str, directory: str | None) -> str:
     """The directory of `host=disk[@DIR]`, checked before anything runs: BadInput naming it unless it is a
     directory this process can write (the default one is created)."""
-    path = Path(directory).expanduser() if directory else default_dir()
+    path = Path(directory).expanduser() if directory else cache_dir() / "disk-tier"
     if not directory:
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -52,7 +47,6 @@ def _drop(fd: int, offset: int = 0, length: int = 0) -> None:
 class DiskTier:
     def __init__(self, host: list[dict[str, torch.Tensor]], directory: str, pin: bool):
         first = host[0]
-        self.names = list(first)
         self.shapes = {n: tuple(t.shape[1:]) for n, t in first.items()}
         self.dtypes = {n: t.dtype for n, t in first.items()}
         self.part = {}  # name -> (offset in an expert's range, bytes)
@@ -65,7 +59,7 @@ class DiskTier:
         self.size = self.expert_bytes * self.num_experts * len(host)
         fd, path = tempfile.mkstemp(prefix="smb-experts-", suffix=".bin", dir=directory)
         os.unlink(path)
-        self.fd, self.path = fd, path
+        self.fd = fd
         try:
             self._write(host)
         except OSError as exc:
@@ -84,7 +78,7 @@ class DiskTier:
         with open(self.fd, "wb", closefd=False, buffering=1 << 24) as f:
             for params in host:
                 for e in range(self.num_experts):
-                    for n in self.names:
+                    for n in self.part:
                         f.write(params[n][e].contiguous().view(torch.uint8).reshape(-1).numpy().data)
         os.fsync(self.fd)
         _drop(self.fd)
@@ -93,8 +87,7 @@ class DiskTier:
         """[E, ...] views of one layer's tensors in the memory map (strided: expert e of each is in e's range)."""
         base = layer * self.num_experts * self.expert_bytes
         out = {}
-        for n in self.names:
-            start, nbytes = self.part[n]
+        for n, (start, nbytes) in self.part.items():
             rows = raw[base + start:].as_strided((self.num_experts, nbytes), (self.expert_bytes, 1))
             out[n] = rows.view(self.dtypes[n]).view(self.num_experts, *self.shapes[n])
         return out

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from engines.errors import BadInput
+from engines.paths import cache_dir
 
 from .corpus import NAMED_CORPORA, Corpus, Doc, load_corpus
 from .deterministic import (balance_loss, deterministic_algorithms, lm_loss, prepare_cuda_determinism,
@@ -572,9 +573,7 @@ def _save(model, tokenizer, metrics: dict, out: Path, p: TrainPreset) -> None:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("SPECMOE_BENCH_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "specmoe-bench"
-    return root / "models"
+    return cache_dir() / "models"
 
 
 # Recipe fields added after format 1: at their defaults they are left out of the key, so the checkpoints cached
