@@ -2,6 +2,9 @@
 # Issue 14's study on one H200 (results/h200/paper/README.md), in back-to-back device calls of one session on one
 # machine; every call runs this plan from the top and goes on where the last one stopped (job_lib.sh):
 #   bash results/h200/paper_job.sh 570        # SECONDS: this call's share of the device time
+#   bash results/h200/paper_job.sh 570 rest TAG  # only what the 2026-12-02 calls did not measure, run ids -TAG:
+#                                                # train nllb-like, the N sweep and draft policies, mixtral-like
+#                                                # (trained, then its matrix), T(gamma) at batch 64
 # The plan, most needed first:
 #   1. tests/gpu, once per machine (issue 12's check of every engine on CUDA; ~40 s)
 #   2. train nllb-like (run a, cached for the cells: results/h200/train_job.sh)
@@ -15,8 +18,20 @@
 # next call at once (2026-12-02, call 3 found a fresh machine and spent its time training nllb-like again).
 # Under $OUT: job.log, machine.txt, gpu-tests.log, train-RECIPE-RUN/ (train_job.sh's files), RUN_ID.tgz (cells).
 set -u
-limit=${1:?usage: paper_job.sh SECONDS}
+limit=${1:?usage: paper_job.sh SECONDS [rest TAG]}
 source "$(dirname "$0")/job_lib.sh"
+
+if [ "${2:-}" = rest ]; then
+    tag=-${3:?usage: paper_job.sh SECONDS rest TAG}
+    once train-nllb-a train nllb-like a
+    run matrices/h200-paper-nllb-n.toml "paper-nllb-n$tag"
+    once train-mixtral-a train mixtral-like a
+    run matrices/h200-paper-mixtral.toml "paper-mixtral$tag" --only batch_size=1,64,256
+    run matrices/h200-paper-nllb-gamma.toml "paper-nllb-gamma$tag" --only batch_size=64
+    run matrices/h200-paper-mixtral.toml "paper-mixtral$tag"
+    ls -la "$out"
+    exit 0
+fi
 
 once gpu_tests gpu_tests
 once train-nllb-a train nllb-like a
