@@ -27,6 +27,7 @@ if [ "${2:-}" = rest ]; then
     run matrices/h200-paper-nllb-n.toml "paper-nllb-n$tag"
     once train-mixtral-a train mixtral-like a
     run matrices/h200-paper-mixtral.toml "paper-mixtral$tag" --only batch_size=1,64,256
+    once train-mixtral-b train mixtral-like b
     run matrices/h200-paper-nllb-gamma.toml "paper-nllb-gamma$tag" --only batch_size=64
     run matrices/h200-paper-mixtral.toml "paper-mixtral$tag"
     ls -la "$out"

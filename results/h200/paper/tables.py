@@ -76,7 +76,7 @@ def traffic(cells: dict, hardware: str) -> str:
                ("offload", "overlap", "caching", "specmoe paper", "specmoe best")}
         r = [b] + [fmt(None if v is None else v / 2**20, ".2f") for v in per.values()]
         for s in ("specmoe paper", "specmoe best"):
-            r += [fmt(None if not (per[s] and per[e]) else 100 * (per[s] / per[e] - 1), "+.1f") + "%"
+            r += ["-" if not (per[s] and per[e]) else f"{100 * (per[s] / per[e] - 1):+.1f}%"
                   for e in ("offload", "overlap", "caching")]
         rows.append(r)
     head = ["batch", "offload MiB", "overlap MiB", "caching MiB", "paper MiB", "best MiB"]
@@ -105,6 +105,28 @@ def t_gamma(cells: list[dict]) -> str:
                      f"{m['acceptance_rate']:.3f}", f"{m['tokens_per_s']:.1f}",
                      " ".join(f"{a:.2f}" for a in m["acceptance_by_position"])])
     return table(["batch", "gamma", "T(gamma) tokens/step", "acceptance", "tok/s", "acceptance by position"], rows)
+
+
+def draft_sets(cells: list[dict]) -> str:
+    """The N sweep and the draft policies: each cell against the product cell (N = 4, hot-temporal) of its batch."""
+    def name(c):
+        o = c["config"]["engine_options"]
+        return f"N = {o.get('draft_experts', 4)}, {o.get('draft_policy', 'hot-temporal')}"
+    product = {c["config"]["batch_size"]: c["metrics"]["tokens_per_s"] for c in cells
+               if name(c) == "N = 4, hot-temporal"}
+    rows = []
+    for c in sorted(cells, key=lambda c: (c["config"]["batch_size"], "policy" if "draft_policy" in
+                                          c["config"]["engine_options"] else "n",
+                                          c["config"]["engine_options"].get("draft_experts", 4), name(c))):
+        m, b = c["metrics"], c["config"]["batch_size"]
+        rows.append([b, name(c), f"{m['tokens_per_s']:,.1f}", f"{m['tokens_per_s'] / product[b]:.2f}x",
+                     f"{m['tokens_per_step']:.2f}", f"{m['acceptance_rate']:.3f}",
+                     " ".join(f"{a:.2f}" for a in m["acceptance_by_position"]), f"{m['expert_hit_rate']:.3f}",
+                     f"{m['h2d_bytes_per_token'] / 2**20:.2f}", f"{m['draft_forward_ms']:.2f}",
+                     f"{m['verify_pass_ms']:.1f}", f"{100 * m['pct_of_bound']:.1f}% {m['bound']}"])
+    return table(["batch", "draft set", "tok/s", "x N = 4 hot-temporal", "tokens/step", "acceptance",
+                  "acceptance by position", "expert hit rate", "h2d MiB/token", "draft fwd ms", "verify ms",
+                  "% of bound"], rows)
 
 
 def repeat(first: dict, second: dict) -> str:
@@ -136,6 +158,19 @@ def main() -> None:
     for run in ("paper-nllb", "paper-nllb-gamma"):
         print(f"\n{run}:\n")
         print(repeat(index(load(run)), index(load(f"machine2/{run}"))))
+    # 2026-12-07, one H100 (runs/h100a): its own trained nllb-like, and mixtral-like
+    print("\n## H100: the N sweep and draft policies, nllb-like, cuda:budget=25%\n")
+    print(draft_sets(load("h100a/paper-nllb-n-h100a")))
+    print("\n## H100: T(gamma) at batch 64, nllb-like, cuda:budget=25%\n")
+    print(t_gamma(load("h100a/paper-nllb-gamma-h100a")))
+    mixtral = load("h100a/paper-mixtral-h100a")
+    cells = index(mixtral)
+    print("\n## H100: mixtral-like, speedup over offload, cuda:budget=25%\n")
+    print(figure(cells, "cuda:budget=25%", ["offload", "overlap", "nospec", "specmoe paper", "specmoe best"]))
+    print("\n## H100: mixtral-like, host-to-device traffic per output token\n")
+    print(traffic(cells, "cuda:budget=25%"))
+    print("\n## H100: mixtral-like, speculation\n")
+    print(speculation(cells, "cuda:budget=25%"))
 
 
 if __name__ == "__main__":
