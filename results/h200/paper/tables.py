@@ -115,9 +115,10 @@ def draft_sets(cells: list[dict]) -> str:
     product = {c["config"]["batch_size"]: c["metrics"]["tokens_per_s"] for c in cells
                if name(c) == "N = 4, hot-temporal"}
     rows = []
-    for c in sorted(cells, key=lambda c: (c["config"]["batch_size"], "policy" if "draft_policy" in
-                                          c["config"]["engine_options"] else "n",
-                                          c["config"]["engine_options"].get("draft_experts", 4), name(c))):
+    def order(c):  # per batch: the N sweep by N, then the other policies
+        o = c["config"]["engine_options"]
+        return c["config"]["batch_size"], "draft_policy" in o, o.get("draft_experts", 4), name(c)
+    for c in sorted(cells, key=order):
         m, b = c["metrics"], c["config"]["batch_size"]
         rows.append([b, name(c), f"{m['tokens_per_s']:,.1f}", f"{m['tokens_per_s'] / product[b]:.2f}x",
                      f"{m['tokens_per_step']:.2f}", f"{m['acceptance_rate']:.3f}",
@@ -163,8 +164,7 @@ def main() -> None:
     print(draft_sets(load("h100a/paper-nllb-n-h100a")))
     print("\n## H100: T(gamma) at batch 64, nllb-like, cuda:budget=25%\n")
     print(t_gamma(load("h100a/paper-nllb-gamma-h100a")))
-    mixtral = load("h100a/paper-mixtral-h100a")
-    cells = index(mixtral)
+    cells = index(load("h100a/paper-mixtral-h100a"))
     print("\n## H100: mixtral-like, speedup over offload, cuda:budget=25%\n")
     print(figure(cells, "cuda:budget=25%", ["offload", "overlap", "nospec", "specmoe paper", "specmoe best"]))
     print("\n## H100: mixtral-like, host-to-device traffic per output token\n")
