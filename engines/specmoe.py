@@ -12,8 +12,8 @@ Draft experts are refreshed from recent verification passes, by each expert's sh
 Beyond the paper, each one option away from it: `prefetch = "draft"` copies the experts the drafts' router chose
 while drafting (engines/prefetch.py); `gamma = "auto"` chooses the draft length per batch size from measured
 acceptance and step times (engines/draftlen.py); `draft_experts = "budget"` takes as many draft experts as the
-expert budget holds. The first two are the defaults, the fastest settings measured on the H200
-(results/h200/acceptance/README.md); the paper's are gamma = 4, adaptive = false, prefetch = "none".
+expert budget holds. The three are the defaults, the fastest settings measured (results/h200/acceptance/README.md);
+the paper's are gamma = 4, adaptive = false, prefetch = "none", draft_experts = 4.
 A draft forward never learns its routing on the host: the substitution is a device-side table from expert id to
 the pool slot of its substitute, so drafts are CUDA-graph replays; acceptance, bonus tokens and next positions
 are computed on the device for the whole batch, with one host transfer per step (prefetch adds two reads of the
@@ -40,6 +40,7 @@ from .store import ExpertStore
 DRAFT_POLICIES = ("hot-temporal", "hot-global", "random")
 PREFETCH = ("draft", "none")
 STARTS = ("warm", "cold")
+PAPER_DRAFT_EXPERTS = 4  # the paper's best N of those it tried
 
 
 @dataclass
@@ -49,10 +50,11 @@ class SpecMoEOptions:
                 "`gammas` that maximises expected tokens/s from measured acceptance and step times",
         "words": ("auto",)})
     gammas: str = field(default="1,2,4,6,8,10", metadata={"help": "gamma=auto: the draft lengths it chooses from"})
-    draft_experts: int | str = field(default=4, metadata={
+    draft_experts: int | str = field(default="budget", metadata={
         "help": "N, resident draft experts per MoE layer (<= experts per layer; an expert budget may lower it), or "
-                "budget: as many as the expert budget holds. Budget left after the draft experts widens the "
-                "prefetch window (prefetch=draft); without prefetch it stays unused",
+                "budget (the default): as many as the expert budget holds, or the paper's 4 where every expert fits "
+                "(a draft of every expert would be the model itself). Budget left after the draft experts "
+                "widens the prefetch window (prefetch=draft); without prefetch it stays unused",
         "words": ("budget",)})
     draft_policy: str = field(default="hot-temporal", metadata={
         "help": "which experts are draft experts: hot-temporal (refreshed from recent verification passes), "
@@ -292,8 +294,9 @@ class SpecMoEEngine(RuntimeEngine):
         return self.policy
 
     def _draft_experts(self, hardware) -> int:
-        """N: as asked, at most what the expert budget holds; `budget`: all that it holds (every expert without a
-        budget)."""
+        """N: as asked, at most what the expert budget holds. `budget`: all that it holds, the best N in every cell
+        measured (results/h200/acceptance/README.md, s5; results/h200/paper/README.md, the N sweep); where every
+        expert fits (or there is no budget), the paper's N = 4, since a draft of every expert is the model itself."""
         store, asked = self.runtime.store, self.options.draft_experts
         if asked != "budget" and asked > store.num_experts:
             raise BadInput(f"specmoe draft_experts={asked}: the model has only {store.num_experts} experts per layer")
@@ -303,7 +306,9 @@ class SpecMoEEngine(RuntimeEngine):
             if fits < 1:
                 raise BadInput(f"hardware {hardware.spec!r}: the expert budget cannot hold one draft expert per "
                                f"layer ({store.expert_bytes * store.num_layers} bytes)")
-        return fits if asked == "budget" else min(asked, fits)
+        if asked != "budget":
+            return min(asked, fits)
+        return fits if fits < store.num_experts else min(PAPER_DRAFT_EXPERTS, store.num_experts)
 
     def _prefetch_window(self, n: int) -> int:
         """Pool slots for prefetched experts: two layers' worth, the room `overlap`'s prefetch holds, plus what the

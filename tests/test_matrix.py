@@ -154,10 +154,13 @@ def test_the_h200_paper_study_matrices():
     assert {(e, "cuda:budget=25%") for e in ("offload", "overlap", "caching", "lru", "nospec", "specmoe")} <= at
     assert ("resident", "cuda") in at and ("offload", "cuda:budget=19%") in at
     assert sorted({c.batch_size for c in figure if c.engine == "offload"}) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    paper = [c.engine_options for c in figure if c.engine == "specmoe" and c.engine_options.get("prefetch") == "none"]
+    assert paper and all(o["draft_experts"] == 4 for o in paper)  # the paper's N, not the default's all that fit
     gamma = cells("h200-paper-nllb-gamma.toml")
     assert sorted((c.batch_size, c.engine_options["gamma"]) for c in gamma) == \
         sorted((b, g) for b in (1, 64) for g in range(1, 11))
-    assert all(c.engine_options["adaptive"] is False and c.engine_options["prefetch"] == "none" for c in gamma)
+    assert all(c.engine_options["adaptive"] is False and c.engine_options["prefetch"] == "none"
+               and c.engine_options["draft_experts"] == 4 for c in gamma)
     sweep = {(c.engine_options.get("draft_experts", 4), c.engine_options.get("draft_policy", "hot-temporal"))
              for c in cells("h200-paper-nllb-n.toml") if c.batch_size == 64}
     assert sweep == {(n, "hot-temporal") for n in (1, 2, 4, 8, 16)} | {(4, "random"), (4, "hot-global")}

@@ -281,11 +281,23 @@ def test_draft_experts_and_prefetch_window_from_the_budget(options, n, window):
     assert engine.setup_stats()["resident_experts"] == n * store.num_layers
 
 
-def test_draft_experts_budget_without_a_budget_is_every_expert():
-    engine = loaded("specmoe", "tiny-mixtral-random", torch.float32, draft_experts="budget")
+@pytest.mark.parametrize("hardware,n", [
+    (HardwareProfile(spec="cpu:quarter", device="cpu", expert_share=0.25), 2),  # all that fit
+    (HALF, 4),
+    (HardwareProfile(spec="cpu:all", device="cpu", expert_share=1.0), 4),  # every expert fits: the paper's 4, not 8
+    (HardwareProfile(spec="cpu", device="cpu"), 4),  # no budget
+])
+def test_draft_experts_default_is_all_that_the_budget_holds(hardware, n):
+    engine = registry.create("specmoe")
+    engine.load(load_model("tiny-mixtral-random", dtype=torch.float32), hardware)
+    assert engine.options.draft_experts == "budget" and engine.draft_experts == n
+
+
+def test_a_draft_of_every_expert_is_the_model():
+    engine = loaded("specmoe", "tiny-mixtral-random", torch.float32, draft_experts=8)
     assert engine.draft_experts == 8
     gen = engine.generate(prompts_of_different_lengths(4), SamplingSettings(max_new_tokens=6))
-    assert gen.stats["accepted_tokens"] == gen.stats["drafted_tokens"]  # the draft is the model
+    assert gen.stats["accepted_tokens"] == gen.stats["drafted_tokens"]
 
 
 # -- the draft length chosen by measurement ----------------------------------------------------------------------

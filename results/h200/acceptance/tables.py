@@ -30,12 +30,12 @@ def label(cell: dict) -> str:
     if c["engine"] != "specmoe":
         return c["engine"]
     o = c["engine_options"] or {}
+    if o.get("prefetch") == "none":
+        return "paper"
     if "draft_experts" in o:
         return f"N = {o['draft_experts']}"
     if o.get("gamma") == "auto":
         return "best"
-    if o.get("prefetch") == "none":
-        return "paper"
     return f"gamma {o['gamma']}"
 
 
