@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
@@ -76,6 +77,16 @@ class HardwareProfile:
     def host(self) -> str:
         """Where the experts live off the device: memory (pinned host memory) or disk (`host=disk`)."""
         return "memory" if self.disk_dir is None else "disk"
+
+    def memory_bytes(self) -> int | None:
+        """All the memory of the device that holds the static cache: the GPU's, or this machine's for `cpu`
+        (None where it cannot be read)."""
+        if self.is_cuda:
+            return torch.cuda.get_device_properties(self.device).total_memory if torch.cuda.is_available() else None
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
 
     @classmethod
     def parse(cls, spec: str, check_available: bool = True) -> "HardwareProfile":

@@ -88,6 +88,17 @@ def check_positions(config, tokens: int) -> None:
                        f"({limit}); use a shorter prompt or fewer new tokens")
 
 
+def check_fits_in(config, batch: int, tokens: int, dtype: torch.dtype, where: str, memory: int) -> None:
+    """BadInput when a batch's static cache of at least `tokens` positions a row is larger than `memory`, all the
+    memory of `where`: the check before a run, which cannot know what will be free (check_fits, in the cell,
+    knows)."""
+    need = batch * tokens * kv_bytes_per_token(config, dtype)
+    if need > memory:
+        raise BadInput(f"batch {batch} of {tokens} positions a row needs {need / 2**30:.2f} GiB of KV cache; {where} "
+                       f"has {memory / 2**30:.2f} GiB in all: use a smaller batch, a shorter prompt or fewer new "
+                       "tokens")
+
+
 def check_fits(config, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
     """BadInput, naming the value and the limit, when a batch's static cache does not fit in the device memory
     that is free."""

@@ -70,6 +70,21 @@ def test_speculation_and_profiling_options(engine, options, message, capsys, tmp
     assert message in refused(["run", matrix(tmp_path, engine=engine, options=options)], capsys, tmp_path)
 
 
+@pytest.mark.parametrize("lengths", [["--prompt-len", "100000"], ["--prompt-len", "32", "--max-new-tokens", "481"]])
+def test_prompt_and_new_tokens_beyond_the_models_positions(lengths, capsys, tmp_path):
+    err = refused(["compare", "--engines", "specmoe,offload", "--model", "tiny-mixtral-random", "--workload",
+                   "synthetic-ids", *lengths], capsys, tmp_path)  # was: exit 0 and every cell `skipped`
+    assert "model 'tiny-mixtral-random': prompt + new tokens = " in err
+    assert "more than the model's max_position_embeddings (512)" in err
+
+
+def test_a_batch_whose_cache_cannot_fit_the_machine(capsys, tmp_path):
+    err = refused(["compare", "--engines", "offload", "--model", "tiny-mixtral-random", "--workload", "synthetic-ids",
+                   "--batch-sizes", "1,100000000"], capsys, tmp_path)  # was: minutes of work, then the OOM killer
+    assert "model 'tiny-mixtral-random': batch 100000000 of 64 positions a row needs " in err
+    assert "GiB of KV cache; cpu has " in err and "use a smaller batch" in err
+
+
 def test_a_calibration_set_that_does_not_exist(capsys, tmp_path):
     missing = tmp_path / "calibration.jsonl"
     err = refused(["run", matrix(tmp_path, engine="caching", settings=f'calibration = "{missing}"')], capsys,

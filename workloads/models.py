@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -19,6 +19,9 @@ from engines.errors import BadInput
 
 from .presets import PRESETS
 from .train import TRAIN_PRESETS
+
+if TYPE_CHECKING:
+    from engines.hardware import HardwareProfile
 
 
 @dataclass
@@ -148,6 +151,23 @@ def check_model(name: str, layers: int | None = None, dtype: str = "float32") ->
                 or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type)])[0]
         raise BadInput(f"model {name!r} ({arch}) has no MoE layers with a fused experts module that the runtime can "
                        f"serve; supported families: {SUPPORTED_FAMILIES}")
+
+
+def check_positions(name: str, layers: int | None, dtype: str, tokens: int, batch: int,
+                    hardware: HardwareProfile, check_memory: bool) -> None:
+    """Validation before a run: a row of `tokens` positions (prompt + new tokens) fits the model's position limit,
+    and (with `check_memory`) the batch's static cache fits all the memory of the hardware's device; the runtime
+    repeats both with the prompts it is given and the memory that is free."""
+    from engines.kvcache import check_fits_in
+    from engines.kvcache import check_positions as fits
+    config = _with_layers(model_config(name), layers)[0]
+    memory = hardware.memory_bytes() if check_memory else None
+    try:
+        fits(config, tokens)
+        if memory is not None:
+            check_fits_in(config, batch, tokens, getattr(torch, dtype), hardware.device, memory)
+    except BadInput as exc:
+        raise BadInput(f"model {name!r}: {exc}") from None
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, layers: int | None = None, seed: int = 0) -> LoadedModel:
