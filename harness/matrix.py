@@ -122,11 +122,12 @@ def only(cells: list[CellConfig], specs: tuple[str, ...] | list[str]) -> list[Ce
         if not sep or key not in by_field or not values.strip():
             raise BadInput(f"--only {spec!r}: use AXIS=VALUE[,VALUE...] with AXIS one of {', '.join(by_field)}")
         wanted = [v.strip() for v in values.split(",")]
-        have = {str(getattr(c, key)) for c in cells}
+        values_had = sorted({getattr(c, key) for c in cells})  # batch sizes in numeric order
+        have = {str(v) for v in values_had}
         unknown = [v for v in wanted if v not in have]
         if unknown:
             raise BadInput(f"--only {spec!r}: the matrix has no {key} {', '.join(map(repr, unknown))}; "
-                           f"it has: {', '.join(sorted(have))}")
+                           f"it has: {', '.join(map(str, values_had))}")
         cells = [c for c in cells if str(getattr(c, key)) in wanted]
     return cells
 

@@ -101,7 +101,7 @@ def test_only_narrows_the_matrix(capsys):
     assert code == 0 and "2 cells from" in out
     code, _, err = run_main(["run", str(REPO / "matrices" / "cpu.toml"), "--dry-run", "--only", "batch_size=3"],
                             capsys)
-    assert code == 2 and "--only 'batch_size=3': the matrix has no batch_size '3'; it has: 1, 16, 4" in err
+    assert code == 2 and "--only 'batch_size=3': the matrix has no batch_size '3'; it has: 1, 4, 16" in err
     code, _, err = run_main(["run", str(REPO / "matrices" / "cpu.toml"), "--dry-run", "--only", "size=3"], capsys)
     assert code == 2 and "use AXIS=VALUE[,VALUE...] with AXIS one of engine, model" in err
 
