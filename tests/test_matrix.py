@@ -167,6 +167,12 @@ def test_the_h200_paper_study_matrices():
     assert {c.model for name in ("h200-paper-nllb.toml", "h200-paper-nllb-gamma.toml", "h200-paper-nllb-n.toml")
             for c in cells(name)} == {"nllb-like"}
     assert {c.model for c in cells("h200-paper-mixtral.toml")} == {"mixtral-like"}
+    default = {(c.engine, c.batch_size, c.engine_options.get("draft_experts"), c.engine_options.get("gamma"))
+               for c in cells("h200-paper-nllb-default.toml")}
+    for b in (1, 64, 256):  # the new default (all that fit) and the old one (4), side by side in one job
+        assert {("nospec", b, None, None), ("nospec", b, 4, None), ("specmoe", b, None, None),
+                ("specmoe", b, 4, None), ("offload", b, None, None)} <= default
+    assert ("specmoe", 1, "budget", 10) in default  # T(10) at N = 16
 
 
 def test_missing_file_is_one_line(tmp_path: Path):

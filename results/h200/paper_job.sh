@@ -5,6 +5,9 @@
 #   bash results/h200/paper_job.sh 570 rest TAG  # only what the 2026-12-02 calls did not measure, run ids -TAG:
 #                                                # train nllb-like, the N sweep and draft policies, mixtral-like
 #                                                # (trained, then its matrix), T(gamma) at batch 64
+#   bash results/h200/paper_job.sh 570 default TAG  # the draft_experts default (all that fit) against the old N = 4
+#                                                # on nllb-like (matrices/h200-paper-nllb-default.toml, with T(10)
+#                                                # at N = 16), then the figure's batch sizes 2, 8, 32, 128
 # The plan, most needed first:
 #   1. tests/gpu, once per machine (issue 12's check of every engine on CUDA; ~40 s)
 #   2. train nllb-like (run a, cached for the cells: results/h200/train_job.sh)
@@ -20,6 +23,15 @@
 set -u
 limit=${1:?usage: paper_job.sh SECONDS [rest TAG]}
 source "$(dirname "$0")/job_lib.sh"
+
+if [ "${2:-}" = default ]; then
+    tag=-${3:?usage: paper_job.sh SECONDS default TAG}
+    once train-nllb-a train nllb-like a
+    run matrices/h200-paper-nllb-default.toml "paper-nllb-default$tag"
+    run matrices/h200-paper-nllb.toml "paper-nllb$tag" --only batch_size=2,8,32,128
+    ls -la "$out"
+    exit 0
+fi
 
 if [ "${2:-}" = rest ]; then
     tag=-${3:?usage: paper_job.sh SECONDS rest TAG}
