@@ -139,6 +139,22 @@ def test_lm_and_balance_losses_match_transformers():
     torch.testing.assert_close(det.lm_loss(out.logits, x), lm, rtol=1e-5, atol=1e-6)
     per_layer = [load_balancing_loss_func((r,), p.experts, p.top_k) for r in out.router_logits]
     torch.testing.assert_close(det.balance_loss(out.router_logits, p.top_k), torch.stack(per_layer).mean())
+    pooled = load_balancing_loss_func(tuple(out.router_logits), p.experts, p.top_k)  # what the transformers trainer adds
+    torch.testing.assert_close(det.balance_loss(out.router_logits, p.top_k, pooled=True), pooled)
+    torch.testing.assert_close(out.aux_loss, pooled)
+    assert not torch.allclose(pooled, torch.stack(per_layer).mean())  # the two are different losses
+
+
+def test_small_trains_deterministically_with_the_pooled_balance_it_had(tmp_path):
+    p = TRAIN_PRESETS["small"]
+    assert p.trainer == "deterministic" and p.balance == "pooled" and p.aux_coef == 0.02
+    toy = dict(SCALED, dense_intermediate_size=0, shared_intermediate_size=48, layers=2, steps=20, warmup=3, lr=1e-2)
+    a = train("small", TOY, tmp_path / "a", device="cpu", progress=False, **toy)
+    b = train("small", TOY, tmp_path / "b", device="cpu", progress=False, **toy)
+    assert a.metrics["weights_sha256"] == b.metrics["weights_sha256"]
+    assert "pooled balance loss" in a.metrics["determinism"]["kernels"]
+    per_layer = train("small", TOY, tmp_path / "c", device="cpu", progress=False, **dict(toy, balance="per-layer"))
+    assert per_layer.metrics["weights_sha256"] != a.metrics["weights_sha256"]  # the balance option is used
 
 
 def test_routing_skew_follows_its_definition():
@@ -182,6 +198,8 @@ def test_settings_parse_by_field_type():
     (["--preset", "nllb-like", "--set", "top_k=65"], "top_k=65: must be between 1 and experts=64"),
     (["--preset", "mixtral-like", "--set", "moe_every=2"], "moe_every=2: the mixtral family has MoE in every layer"),
     (["--preset", "tiny", "--set", "trainer=fast"], "trainer 'fast': allowed transformers, deterministic"),
+    (["--preset", "tiny", "--set", "balance=global"], "balance 'global': allowed None, per-layer, pooled"),
+    (["--preset", "tiny", "--set", "balance=per-layer"], "balance 'per-layer' needs trainer 'deterministic'"),
     (["--preset", "tiny", "--set", "steps=x"], "--set 'steps=x': steps takes a whole number"),
 ])
 def test_bad_recipe_is_one_line_naming_the_value_exit_2(args, needle):

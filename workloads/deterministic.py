@@ -106,12 +106,13 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (logits.logsumexp(-1) - logits.gather(-1, target).squeeze(-1)).mean()
 
 
-def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, pooled: bool = False) -> torch.Tensor:
     """The load-balancing loss of transformers' load_balancing_loss_func (E * sum over picks and experts of
-    f * P; `top_k` when balanced), but per MoE layer and averaged over layers, as Switch and GShard apply it:
-    transformers pools the tokens of all layers, which leaves single layers free to concentrate."""
+    f * P; `top_k` when balanced), by default per MoE layer and averaged over layers, as Switch and GShard apply
+    it; `pooled`: over the tokens of all layers together, as transformers does, which leaves single layers free
+    to concentrate (the routing `small` was trained with)."""
     losses = []
-    for logits in router_logits:  # each [N, E]
+    for logits in ((torch.cat(router_logits),) if pooled else router_logits):  # each [N, E]
         probs = logits.float().softmax(-1)
         E = probs.shape[-1]
         picked = F.one_hot(probs.topk(top_k, dim=-1).indices, E).float()  # [N, K, E]

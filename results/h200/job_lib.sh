@@ -32,7 +32,7 @@ once() {  # NAME COMMAND...: a step that runs once per machine (until it succeed
 
 train_small() {  # the trained `small` into the cache every run of this machine uses; its training.json to $OUT
     log "train small"
-    timeout 300 python3 -c "from workloads.train import trained_checkpoint; print(trained_checkpoint('small'))" \
+    timeout 420 python3 -c "from workloads.train import trained_checkpoint; print(trained_checkpoint('small'))" \
         2>&1 | tail -2 | tee -a "$out/job.log"
     cp "$(python3 -c "from workloads.train import cached_checkpoint; print(cached_checkpoint('small'))")/training.json" \
         "$out/training-small.json"
