@@ -7,7 +7,8 @@
 #                                                # (trained, then its matrix), T(gamma) at batch 64
 #   bash results/h200/paper_job.sh 570 default TAG  # the draft_experts default (all that fit) against the old N = 4
 #                                                # on nllb-like (matrices/h200-paper-nllb-default.toml, with T(10)
-#                                                # at N = 16), then the figure's batch sizes 2, 8, 32, 128
+#                                                # at N = 16), the disk tier (matrices/h200-paper-nllb-disk.toml),
+#                                                # then the figure's batch sizes 2, 8, 32, 128
 # The plan, most needed first:
 #   1. tests/gpu, once per machine (issue 12's check of every engine on CUDA; ~40 s)
 #   2. train nllb-like (run a, cached for the cells: results/h200/train_job.sh)
@@ -28,6 +29,7 @@ if [ "${2:-}" = default ]; then
     tag=-${3:?usage: paper_job.sh SECONDS default TAG}
     once train-nllb-a train nllb-like a
     run matrices/h200-paper-nllb-default.toml "paper-nllb-default$tag"
+    run matrices/h200-paper-nllb-disk.toml "paper-nllb-disk$tag"
     run matrices/h200-paper-nllb.toml "paper-nllb$tag" --only batch_size=2,8,32,128
     ls -la "$out"
     exit 0
