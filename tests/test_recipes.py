@@ -45,14 +45,16 @@ def test_recipes_ask_for_the_paper_conditions():
         assert p.corpus == "code"
 
 
-@pytest.mark.parametrize("name", ["nllb-like", "mixtral-like"])
+@pytest.mark.parametrize("name", ["nllb-like", "mixtral-like", "small"])
 def test_full_size_recipe_builds_the_layer_pattern_it_asks_for(name):
-    """The real shapes, on the meta device (no memory): transformers puts MoE exactly in the recipe's layers."""
+    """The real shapes, on the meta device (no memory): transformers puts MoE exactly in the recipe's layers, and
+    the deterministic trainer's experts forward covers them."""
     from transformers import AutoModelForCausalLM
     p = TRAIN_PRESETS[name]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(p.model_config())
     assert moe_layer_indices(model) == p.moe_layers
+    det.check_supported(model)
     experts = find_experts_modules(model)
     assert all(m.num_experts == p.experts for _, m in experts)
     gate_up = experts[0][1].gate_up_proj
