@@ -250,7 +250,7 @@ def validate_cells(cells: list[CellConfig], source: str, check_hardware: bool = 
 def _validate(cells: list[CellConfig], source: str, check_hardware: bool) -> None:
     from engines import registry
     from engines.hardware import HardwareProfile
-    from workloads.models import check_model, check_positions
+    from workloads.models import check_cache_fits, check_model
     from workloads.prompts import check_calibration, check_workload
 
     checked: dict = {}
@@ -266,10 +266,11 @@ def _validate(cells: list[CellConfig], source: str, check_hardware: bool) -> Non
 
     for c in cells:
         c.engine_options = once("engine", (c.engine, c.engine_options), registry.check_options)
-        once("model", (c.model, c.model_layers, c.dtype), check_model)
+        config = once("model", (c.model, c.model_layers, c.dtype), check_model)
         hardware = once("hardware", (c.hardware,), lambda v: HardwareProfile.parse(v, check_available=check_hardware))
-        once("positions", (c.model, c.model_layers, c.dtype, c.prompt_len + c.max_new_tokens, c.batch_size,
-                           hardware, check_hardware), check_positions)
+        tokens = c.prompt_len + c.max_new_tokens
+        once("cache", (c.model, c.model_layers, c.dtype, tokens, c.batch_size, c.hardware),
+             lambda *_: check_cache_fits(c.model, config, c.dtype, tokens, c.batch_size, hardware, check_hardware))
         if hardware.host == "disk" and not registry.engine_class(c.engine).serves_disk:
             raise BadInput(f"{source}: engine {c.engine!r} cannot serve experts from the disk tier ({c.hardware!r}): "
                            "it runs as it ships, from host memory; host=disk is for the project's runtime engines")

@@ -131,10 +131,10 @@ def model_config(name: str) -> PretrainedConfig:
     return _config(ref, name)
 
 
-def check_model(name: str, layers: int | None = None, dtype: str = "float32") -> None:
+def check_model(name: str, layers: int | None = None, dtype: str = "float32") -> PretrainedConfig:
     """Validation before a run, without loading weights: the name resolves, its config loads (and asks to run
     no code of its own), --layers fits it, a preset fits in host memory, and it has MoE layers that the engines
-    can offload."""
+    can offload. Returns the config of the layers loaded."""
     from .presets import shape_report
     config, _, _ = _with_layers(model_config(name), layers)
     if name in PRESETS:
@@ -151,19 +151,18 @@ def check_model(name: str, layers: int | None = None, dtype: str = "float32") ->
                 or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type)])[0]
         raise BadInput(f"model {name!r} ({arch}) has no MoE layers with a fused experts module that the runtime can "
                        f"serve; supported families: {SUPPORTED_FAMILIES}")
+    return config
 
 
-def check_positions(name: str, layers: int | None, dtype: str, tokens: int, batch: int,
-                    hardware: HardwareProfile, check_memory: bool) -> None:
-    """Validation before a run: a row of `tokens` positions (prompt + new tokens) fits the model's position limit,
-    and (with `check_memory`) the batch's static cache fits all the memory of the hardware's device; the runtime
-    repeats both with the prompts it is given and the memory that is free."""
-    from engines.kvcache import check_fits_in
-    from engines.kvcache import check_positions as fits
-    config = _with_layers(model_config(name), layers)[0]
+def check_cache_fits(name: str, config: PretrainedConfig, dtype: str, tokens: int, batch: int,
+                     hardware: HardwareProfile, check_memory: bool) -> None:
+    """Validation before a run, on the config check_model returned: a row of `tokens` positions (prompt + new
+    tokens) fits the model's position limit, and (with `check_memory`) the batch's static cache fits all the memory
+    of the hardware's device; the runtime repeats both with the prompts it is given and the memory that is free."""
+    from engines.kvcache import check_fits_in, check_positions
     memory = hardware.memory_bytes() if check_memory else None
     try:
-        fits(config, tokens)
+        check_positions(config, tokens)
         if memory is not None:
             check_fits_in(config, batch, tokens, getattr(torch, dtype), hardware.device, memory)
     except BadInput as exc:
