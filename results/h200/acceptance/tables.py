@@ -11,6 +11,10 @@ import sys
 import tarfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # results/h200: mdtable
+from mdtable import fmt as _fmt  # noqa: E402
+from mdtable import table  # noqa: E402
+
 HERE = Path(__file__).parent
 BASELINES = ("offload", "overlap", "caching", "lru", "nospec")
 RIVALS = ("overlap", "caching", "lru", "nospec")  # issue 13's "best of" for the best settings
@@ -50,16 +54,8 @@ def tps(cells: dict, name: str, hw: str, b: int) -> float | None:
     return None if cell is None else cell["metrics"]["tokens_per_s"]
 
 
-def row(*values) -> str:
-    return "| " + " | ".join(map(str, values)) + " |"
-
-
-def table(head: list[str], rows: list[list]) -> str:
-    return "\n".join([row(*head), row(*["---:"] * len(head)), *(row(*r) for r in rows)])
-
-
-def fmt(x, spec: str = ",.1f") -> str:
-    return "-" if x is None else format(x, spec)
+def fmt(x, spec: str = ",.1f") -> str:  # tokens/s with thousands separators unless told otherwise
+    return _fmt(x, spec)
 
 
 def summary(cells: dict, hw: str, batches: list[int]) -> str:

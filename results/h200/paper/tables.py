@@ -6,7 +6,11 @@ number there can be traced to a cell (run from the repository root):
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # results/h200: mdtable
+from mdtable import fmt, table  # noqa: E402
 
 HERE = Path(__file__).parent
 RUNS = HERE / "runs"
@@ -36,18 +40,6 @@ def index(cells: list[dict]) -> dict[tuple[str, str, int], dict]:
     """(label, hardware, batch) -> metrics of the valid cells."""
     return {(label(c), c["config"]["hardware"], c["config"]["batch_size"]): c["metrics"]
             for c in cells if c["status"] == "ok" and c["valid"]}
-
-
-def row(*values) -> str:
-    return "| " + " | ".join(map(str, values)) + " |"
-
-
-def table(head: list[str], rows: list[list]) -> str:
-    return "\n".join([row(*head), row(*["---:"] * len(head)), *(row(*r) for r in rows)])
-
-
-def fmt(x, spec: str = ".1f", missing: str = "-") -> str:
-    return missing if x is None else format(x, spec)
 
 
 def figure(cells: dict, hardware: str, engines: list[str]) -> str:
