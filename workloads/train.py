@@ -151,7 +151,7 @@ TRAIN_PRESETS: dict[str, TrainPreset] = {
     # unigram 6.70. That trainer is not bit-reproducible, and its checkpoints differed by machine enough to move
     # SpecMoE's acceptance at batch 16 from 0.33 to 0.55 (results/h200/acceptance/README.md, s4 and s5), so since
     # 2026-12-08 `small` trains deterministically, with transformers' pooled balance loss as before (its routing
-    # skew, 0.59-0.61, is what the acceptance results were measured on). Estimated ~3 min on one H100 (mixtral-like,
+    # skew, 0.59-0.61, is what the acceptance results were measured on). Estimated ~3.5 min on one H100 (mixtral-like,
     # about the same FLOPs per step on the same trainer, took 0.31 s a step there); not yet measured.
     "small": TrainPreset("4 layers, 8 experts top-2, hidden 2048, expert 110 MB in bf16, BPE 8192; one H200 ~3 min",
                          vocab_size=8192, hidden_size=2048, intermediate_size=8960, shared_intermediate_size=8960,
